@@ -1,0 +1,217 @@
+"""The config schema: every field with its default and meaning, and up-front validation.
+
+Config files (`configs/*.py`) start from `base_config()` and override fields; `validate_config`
+rejects unknown fields and out-of-range values with one line naming the field, before any data is
+tokenized, any model is loaded or anything is compiled.
+"""
+from __future__ import annotations
+
+import math
+import pathlib
+from typing import Any
+
+import ml_collections
+
+from kif_jax.errors import ConfigError
+
+# Methods the task loop runs (see kif_jax/train/methods.py for what each one means).
+METHODS = (
+    "recurrent_kif",
+    "seq_lora",
+    "replay",
+    "mtl",
+    "static_importance",
+    "no_identification",
+    "global_merge",
+    "no_share",
+)
+SYNTHETIC_DATA = "synthetic"
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All fields with the reference defaults (T5 scripts of the authors, ALGORITHM.md)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 42  # every random choice (init, LoRA A, shuffling, buffer, dropout) derives from it
+    c.methods = "recurrent_kif"  # comma-separated; run one after another into <workdir>/<method>/
+    c.data_dir = ""  # benchmark directory (<split>/<task>.json), or "synthetic" for generated tasks
+    c.benchmark = ""  # "standard" (orders 4-6) or "long" (orders 1-3); alone it means its first order
+    c.order = 0  # task order 1-6 of the benchmark; 0 = take it from `benchmark` or `tasks`
+    c.tasks = ""  # comma-separated task list; overrides benchmark/order when set
+
+    c.synthetic = ml_collections.ConfigDict()  # used only when data_dir == "synthetic"
+    c.synthetic.n_train = 400  # training examples per synthetic task
+    c.synthetic.n_dev = 50  # dev examples per synthetic task
+    c.synthetic.n_test = 100  # test examples per synthetic task
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "t5-large"  # a preset (kif_jax.models.PRESETS), a hub id, a local HF dir, or "tiny"
+    c.model.tokenizer = ""  # "" = the model's own; "byte" = the file-free ByT5 byte scheme
+    c.model.dtype = "float32"  # compute and parameter dtype of the backbone: float32 or bfloat16
+    c.model.trainable = "lora"  # "lora": only LoRA factors train; "all": every parameter trains
+    c.model.lora = ml_collections.ConfigDict()
+    c.model.lora.rank = 8  # LoRA rank r
+    c.model.lora.alpha = 32.0  # LoRA scale is alpha / r
+    c.model.lora.dropout = 0.05  # dropout on the LoRA input, training only
+    c.model.lora.targets = "q,v"  # projection names that get LoRA, in every attention block
+    c.model.tiny = ml_collections.ConfigDict()  # sizes of the randomly initialised "tiny" model
+    c.model.tiny.vocab_size = 259  # the byte tokenizer's id range
+    c.model.tiny.d_model = 64  # hidden size
+    c.model.tiny.d_kv = 16  # size of one attention head
+    c.model.tiny.d_ff = 128  # feed-forward size
+    c.model.tiny.num_layers = 2  # encoder and decoder layers each
+    c.model.tiny.num_heads = 4  # attention heads
+    c.model.tiny.dropout_rate = 0.0  # backbone dropout
+    c.model.tiny.feed_forward_proj = "gated-gelu"  # "relu" (T5 v1.0) or "gated-gelu" (v1.1)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.epochs = 10  # passes over each task's training data
+    c.train.batch_size = 8  # examples per optimizer step
+    c.train.micro_batch_size = 2  # examples per forward pass; batch_size / micro_batch_size are accumulated
+    c.train.lr = 3e-4  # AdamW peak learning rate
+    c.train.weight_decay = 0.0  # AdamW decoupled weight decay (Hugging Face Trainer's default)
+    c.train.warmup_steps = 50  # linear warm-up, then linear decay to 0 at the task's last step
+    c.train.max_grad_norm = 1.0  # global-norm gradient clipping (inner and outer steps)
+    c.train.max_input_length = 1024  # tokens; longer inputs are truncated
+    c.train.max_target_length = 128  # tokens; longer targets are truncated
+    c.train.reset_at_task_boundary = True  # recreate optimizer and importance states per task (reference)
+    c.train.select_best = False  # keep the step with the lowest dev loss (reference: hands on the last)
+    c.train.select_every_steps = 40  # how often dev loss is measured when select_best
+    c.train.select_dev_examples = 25  # dev examples of every task seen so far used for selection
+    c.train.on_nonfinite = "stop"  # "stop": fail naming task and step; "skip": drop that step
+    c.train.log_every_steps = 8  # JSON-lines metrics cadence (rounded to whole cycles)
+
+    c.kif = ml_collections.ConfigDict()
+    c.kif.inner_steps = 8  # Q: inner optimizer steps per fusion cycle
+    c.kif.outer_steps = 4  # M: outer (memory replay) steps per cycle
+    c.kif.outer_batch_size = 8  # examples per outer step
+    c.kif.quantile = 0.8  # scores above this quantile are "important" (the top 20%)
+    c.kif.beta1 = 0.85  # sensitivity EMA (reference); the paper's text uses 0.55
+    c.kif.beta2 = 0.85  # uncertainty EMA (reference); the paper's text uses 0.55
+    c.kif.order = "first"  # importance: "first" |p*g|, "second" |p*g|^2, "mix"
+    c.kif.score = "sens_x_unc"  # "sens_x_unc" (reference: S*U) or "sens" (paper: S)
+    c.kif.scope = "global"  # threshold over "global" (reference), "per_tensor" or "per_factor"
+    c.kif.method = "exact"  # threshold: "exact" quantile or "bisect" (counting, for huge sharded sets)
+    c.kif.scheme = "reference"  # fusion weights: "reference", "binary" (paper) or "no_share"
+    c.kif.importance_params = "updated"  # p in |p*g|: "updated" (reference: after the step) or "current"
+    c.kif.reset_inner = True  # clear inner importance after every fusion (reference)
+    c.kif.reset_outer = False  # clear outer importance after every fusion (reference keeps it)
+    c.kif.outer_optimizer = "shared"  # "shared": inner AdamW state and lr (reference); "separate"
+    c.kif.outer_lr = 1e-3  # learning rate of the separate outer AdamW
+    c.kif.memory_ratio = 0.02  # memory buffer: this fraction of every earlier task's training set
+    c.kif.fuse_partial_cycle = False  # also fuse the steps left after the last multiple of Q
+    c.kif.static_batches = 16  # static_importance: memory batches used for the one-off estimate
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 32  # test examples per decoding batch
+    c.eval.max_examples_per_task = 0  # 0 = the whole test set
+    c.eval.max_new_tokens = 8  # greedy decoding length (labels are a few tokens)
+    c.eval.all_tasks = False  # also evaluate unseen tasks (fills R above the diagonal; enables FWT)
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 0  # also save within a task every this many steps (0 = task ends only)
+    c.checkpoint.keep = 2  # checkpoints kept per method
+
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.num_devices = 0  # devices on the data axis; 0 = all local devices
+    return c
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.trainable": ("lora", "all"),
+    "model.tiny.feed_forward_proj": ("relu", "gated-gelu"),
+    "train.on_nonfinite": ("stop", "skip"),
+    "kif.order": ("first", "second", "mix"),
+    "kif.score": ("sens_x_unc", "sens"),
+    "kif.scope": ("global", "per_tensor", "per_factor"),
+    "kif.method": ("exact", "bisect"),
+    "kif.scheme": ("reference", "binary", "no_share"),
+    "kif.importance_params": ("updated", "current"),
+    "kif.outer_optimizer": ("shared", "separate"),
+}
+_POSITIVE_INTS = (
+    "train.epochs", "train.batch_size", "train.micro_batch_size", "train.max_input_length",
+    "train.max_target_length", "train.select_every_steps", "train.select_dev_examples",
+    "train.log_every_steps", "kif.inner_steps", "kif.outer_steps", "kif.outer_batch_size",
+    "kif.static_batches", "eval.batch_size", "eval.max_new_tokens", "checkpoint.keep",
+    "model.lora.rank",
+)
+
+
+def _flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def split_list(value: str) -> list[str]:
+    """A comma-separated config string as a list, blanks dropped."""
+    return [part.strip() for part in str(value).split(",") if part.strip()]
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Check fields, types and ranges; raise ConfigError naming the first bad field."""
+    known = _flatten(base_config())
+    given = _flatten(config)
+    for name in given:
+        if name not in known:
+            raise ConfigError(f"unknown config field '{name}'")
+    for name in known:
+        if name not in given:
+            raise ConfigError(f"config field '{name}' is missing (start configs from kif_jax.config.base_config())")
+    for name, default in known.items():
+        value = given[name]
+        if isinstance(default, bool) != isinstance(value, bool) or (
+            isinstance(default, (int, float)) and not isinstance(value, (int, float))
+        ) or (isinstance(default, str) and not isinstance(value, str)):
+            raise ConfigError(f"config field '{name}' must be of type {type(default).__name__}, got {value!r}")
+    for name, choices in _CHOICES.items():
+        if given[name] not in choices:
+            raise ConfigError(f"config field '{name}' is {given[name]!r}; expected one of {', '.join(choices)}")
+    for name in _POSITIVE_INTS:
+        if int(given[name]) < 1 or int(given[name]) != given[name]:
+            raise ConfigError(f"config field '{name}' must be a positive integer, got {given[name]!r}")
+
+    methods = split_list(config.methods)
+    if not methods:
+        raise ConfigError("config field 'methods' is empty")
+    for method in methods:
+        if method not in METHODS:
+            raise ConfigError(f"unknown method '{method}' in config field 'methods'; known: {', '.join(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise ConfigError("config field 'methods' names a method twice")
+    if not 0.0 < config.kif.quantile < 1.0:
+        raise ConfigError(f"config field 'kif.quantile' must lie in (0, 1), got {config.kif.quantile}")
+    for name in ("kif.beta1", "kif.beta2"):
+        if not 0.0 <= given[name] < 1.0:
+            raise ConfigError(f"config field '{name}' must lie in [0, 1), got {given[name]}")
+    if not 0.0 < config.kif.memory_ratio <= 1.0:
+        raise ConfigError(f"config field 'kif.memory_ratio' must lie in (0, 1], got {config.kif.memory_ratio}")
+    for name in ("train.lr", "kif.outer_lr", "model.lora.alpha"):
+        if not (math.isfinite(given[name]) and given[name] > 0):
+            raise ConfigError(f"config field '{name}' must be a positive number, got {given[name]}")
+    if config.model.lora.dropout < 0 or config.model.lora.dropout >= 1:
+        raise ConfigError(f"config field 'model.lora.dropout' must lie in [0, 1), got {config.model.lora.dropout}")
+    for name in ("train.batch_size", "kif.outer_batch_size"):
+        if given[name] % config.train.micro_batch_size:
+            raise ConfigError(
+                f"config field '{name}' ({given[name]}) must be a multiple of train.micro_batch_size "
+                f"({config.train.micro_batch_size})"
+            )
+    for name in ("train.warmup_steps", "eval.max_examples_per_task", "checkpoint.every_steps",
+                 "sharding.num_devices", "order"):
+        if given[name] < 0:
+            raise ConfigError(f"config field '{name}' must not be negative, got {given[name]}")
+    if not config.data_dir:
+        raise ConfigError("config field 'data_dir' is empty: give a benchmark directory or 'synthetic'")
+    if config.data_dir != SYNTHETIC_DATA and not pathlib.Path(config.data_dir).is_dir():
+        raise ConfigError(f"config field 'data_dir': directory {config.data_dir} does not exist")
+    if not (config.tasks or config.order or config.benchmark):
+        raise ConfigError("no tasks: set config field 'tasks', 'order' or 'benchmark'")
+    if config.model.trainable == "lora" and not split_list(config.model.lora.targets):
+        raise ConfigError("config field 'model.lora.targets' is empty")

@@ -1,0 +1,81 @@
+"""What a run writes besides checkpoints: JSON-lines metrics, results.json, heatmaps, the comparison table."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+
+class MetricsWriter:
+    """Appends one JSON object per line (process 0 only); truncates to a saved offset on resume."""
+
+    def __init__(self, path: pathlib.Path, *, resume_offset: int | None = None) -> None:
+        self.path = pathlib.Path(path)
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_offset is None:
+            self.path.write_text("")
+        else:
+            with open(self.path, "a+b") as f:
+                f.truncate(resume_offset)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(_jsonable(record)) + "\n")
+
+    def offset(self) -> int:
+        return self.path.stat().st_size if self.enabled and self.path.exists() else 0
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "dtype"):
+        value = np.asarray(value).tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: pathlib.Path, data: dict) -> None:
+    """Write atomically (temporary file + rename), so a killed run never leaves half a file."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2))
+    os.replace(tmp, path)
+
+
+def save_heatmap(path: pathlib.Path, matrix: np.ndarray, tasks: Sequence[str], title: str) -> None:
+    """The accuracy matrix R (rows: after task i; columns: task j) as an annotated PNG, in percent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = np.asarray(matrix, dtype=float) * 100.0
+    size = max(4.0, 0.55 * len(tasks) + 2.0)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    image = ax.imshow(np.ma.masked_invalid(values), vmin=0, vmax=100, cmap="viridis")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
+    ax.set_yticks(range(len(tasks)), [f"after {t}" for t in tasks])
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if np.isfinite(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.0f}", ha="center", va="center",
+                        color="white" if values[i, j] < 60 else "black", fontsize=8)
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="test accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,260 @@
+"""Pure training programs on explicit state: inner steps, outer steps, fusion, as one jitted cycle.
+
+A batch here is a dict of int32 arrays shaped [A, mb, L] (A accumulated micro-batches of mb rows);
+a cycle takes Q of them stacked to [Q, A, mb, L] and, for KIF, M outer batches [M, Ao, mb, L], and
+runs everything in one XLA program (`lax.scan`), so an accelerator never waits on the host between
+steps. Non-finite steps are gated off (state unchanged) and flagged; the host stops or skips.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+import kif_jax
+from kif_jax.data.batching import IGNORE_INDEX
+from kif_jax.train.methods import CycleSpec
+
+Batch = dict[str, jax.Array]
+INNER_STREAM, OUTER_STREAM, STATIC_STREAM = 0, 1, 2  # dropout key streams, so no two steps share a key
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step changes; checkpointed whole. Unused parts are empty tuples."""
+
+    step: jax.Array  # int32 [], inner optimizer steps taken in the current task
+    total_steps: jax.Array  # int32 [], inner steps of the current task (learning-rate schedule)
+    params: Any  # the trainable pytree (LoRA factors, or every parameter)
+    opt_state: Any  # AdamW state of the inner (and, when shared, outer) steps
+    outer_opt_state: Any  # AdamW state of a separate outer optimizer, else ()
+    imp_in: Any  # kif_jax.ImportanceState of the inner learner, else ()
+    imp_out: Any  # kif_jax.ImportanceState of the outer learner, else ()
+    anchor: Any  # global merge: parameters at task start, else ()
+    acc_in: Any  # global merge: summed inner task vectors, else ()
+    acc_out: Any  # global merge: summed outer task vectors, else ()
+    best_params: Any  # select_best: parameters with the lowest dev loss so far, else ()
+    best_loss: jax.Array  # float32 [], that dev loss (inf before the first measurement)
+    rng: jax.Array  # uint32 [2], the task's dropout key; steps fold in their counters
+
+
+def adam_transform(max_grad_norm: float, weight_decay: float) -> optax.GradientTransformation:
+    """Clipping + Adam + decoupled decay, without the learning rate (applied per step, see apply_updates)."""
+    return optax.chain(
+        optax.clip_by_global_norm(max_grad_norm),
+        optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+        optax.add_decayed_weights(weight_decay),
+    )
+
+
+def linear_warmup_decay(step: jax.Array, total: jax.Array, *, peak: float, warmup: int) -> jax.Array:
+    """Hugging Face's linear schedule: step s uses peak*s/warmup, then decays linearly to 0 at `total`."""
+    step = step.astype(jnp.float32)
+    total = total.astype(jnp.float32)
+    warm = step / max(1, warmup)
+    decay = jnp.maximum(0.0, (total - step) / jnp.maximum(1.0, total - warmup))
+    return peak * jnp.where(step < warmup, warm, decay)
+
+
+def _where_tree(cond: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+class Programs:
+    """The jitted programs of one model (graphdef) and optimizer setting, cached per CycleSpec."""
+
+    def __init__(self, graphdef: nnx.GraphDef, *, lr: float, warmup_steps: int, max_grad_norm: float,
+                 weight_decay: float, outer_lr: float, donate: bool = True) -> None:
+        self.graphdef = graphdef
+        self.lr = lr
+        self.warmup_steps = warmup_steps
+        self.outer_lr = outer_lr
+        self.tx = adam_transform(max_grad_norm, weight_decay)
+        donate_args = ("state",) if donate else ()
+        self.run_cycle = jax.jit(self._run_cycle, static_argnames=("spec",), donate_argnames=donate_args)
+        self.estimate_outer_importance = jax.jit(self._estimate_outer_importance, static_argnames=("spec",))
+        self.merge_task = jax.jit(self._merge_task, static_argnames=("spec",))
+        self.dev_loss = jax.jit(self._dev_loss)
+
+    # --- losses -------------------------------------------------------------------------------
+    def token_loss(self, params: Any, frozen: Any, batch: Batch, key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """Mean target cross-entropy of one micro-batch [mb, L] (padding ignored), and its token count."""
+        model = nnx.merge(self.graphdef, params, frozen)
+        train = key is not None
+        logits = model(
+            batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"],
+            deterministic=not train, rngs=nnx.Rngs(dropout=key) if train else None,
+        )  # [mb, T, V] float32
+        labels = batch["labels"]
+        mask = labels != IGNORE_INDEX
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, labels, 0))
+        count = jnp.sum(mask)
+        return jnp.sum(nll * mask) / jnp.maximum(count, 1), count
+
+    def accumulated_grads(self, params: Any, frozen: Any, batch: Batch, key: jax.Array) -> tuple[jax.Array, Any, jax.Array]:
+        """Loss and gradient averaged over the A micro-batches of a [A, mb, L] batch (HF Trainer's accumulation)."""
+        grad_fn = jax.value_and_grad(self.token_loss, has_aux=True)
+
+        def body(carry, xs):
+            loss_sum, grad_sum, tokens = carry
+            micro, index = xs
+            (loss, count), grads = grad_fn(params, frozen, micro, jax.random.fold_in(key, index))
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads), tokens + count), None
+
+        n_micro = batch["input_ids"].shape[0]
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        init = (jnp.zeros((), jnp.float32), zeros, jnp.zeros((), jnp.int32))
+        (loss_sum, grad_sum, tokens), _ = jax.lax.scan(body, init, (batch, jnp.arange(n_micro)))
+        return loss_sum / n_micro, jax.tree.map(lambda g: g / n_micro, grad_sum), tokens
+
+    # --- steps --------------------------------------------------------------------------------
+    def _apply(self, grads: Any, opt_state: Any, params: Any, lr: jax.Array) -> tuple[Any, Any]:
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        new_params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), params, updates)
+        return new_params, opt_state
+
+    def _importance(self, imp: Any, params: Any, grads: Any, spec: CycleSpec) -> Any:
+        return kif_jax.update_importance(imp, params, grads, beta1=spec.beta1, beta2=spec.beta2, order=spec.order)
+
+    def _inner_step(self, state: TrainState, batch: Batch, frozen: Any, spec: CycleSpec) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(jax.random.fold_in(state.rng, INNER_STREAM), state.step)
+        loss, grads, tokens = self.accumulated_grads(state.params, frozen, batch, key)
+        lr = linear_warmup_decay(state.step, state.total_steps, peak=self.lr, warmup=self.warmup_steps)
+        params, opt_state = self._apply(grads, state.opt_state, state.params, lr)
+        new = state.replace(params=params, opt_state=opt_state)
+        if spec.track_importance:
+            at = params if spec.importance_at_updated_params else state.params
+            new = new.replace(imp_in=self._importance(state.imp_in, at, grads, spec))
+        ok = jnp.isfinite(loss) & _all_finite(grads)
+        new = _where_tree(ok, new, state).replace(step=state.step + 1)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr, "finite": ok, "tokens": tokens}
+        return new, metrics
+
+    def _outer_step(self, state: TrainState, batch: Batch, index: jax.Array, frozen: Any,
+                    spec: CycleSpec) -> tuple[TrainState, dict]:
+        counter = state.step * spec.outer_steps + index
+        key = jax.random.fold_in(jax.random.fold_in(state.rng, OUTER_STREAM), counter)
+        loss, grads, tokens = self.accumulated_grads(state.params, frozen, batch, key)
+        if spec.separate_outer_optimizer:
+            params, outer_opt = self._apply(grads, state.outer_opt_state, state.params, jnp.float32(self.outer_lr))
+            new = state.replace(params=params, outer_opt_state=outer_opt)
+        else:
+            # Reference quirk: the inner AdamW state and its current learning rate, schedule not advanced.
+            lr = linear_warmup_decay(state.step, state.total_steps, peak=self.lr, warmup=self.warmup_steps)
+            params, opt_state = self._apply(grads, state.opt_state, state.params, lr)
+            new = state.replace(params=params, opt_state=opt_state)
+        if spec.update_outer_importance:
+            at = params if spec.importance_at_updated_params else state.params
+            new = new.replace(imp_out=self._importance(state.imp_out, at, grads, spec))
+        ok = jnp.isfinite(loss) & _all_finite(grads)
+        return _where_tree(ok, new, state), {"loss": loss, "finite": ok, "tokens": tokens}
+
+    def _masks(self, imp: Any, spec: CycleSpec) -> Any:
+        scores = kif_jax.importance_scores(imp, kind=spec.score)
+        return kif_jax.importance_masks(scores, quantile=spec.quantile, scope=spec.scope, method=spec.threshold_method)
+
+    def _fuse(self, base: Any, tau_in: Any, tau_out: Any, state: TrainState, spec: CycleSpec) -> tuple[Any, dict]:
+        """theta = base + w_in*tau_in + w_out*tau_out, with mask statistics for the logs."""
+        if not spec.identify:
+            ones = jax.tree.map(lambda x: jnp.ones(x.shape, bool), base)
+            fused = kif_jax.fuse_with_masks(base, tau_in, tau_out, ones, ones, scheme="binary")
+            return fused, {}
+        mask_in, mask_out = self._masks(state.imp_in, spec), self._masks(state.imp_out, spec)
+        fused = kif_jax.fuse_with_masks(base, tau_in, tau_out, mask_in, mask_out, scheme=spec.scheme)
+        both = jax.tree.map(jnp.logical_and, mask_in, mask_out)
+        stats = {
+            "mask_in_frac": kif_jax.mask_fractions(mask_in),
+            "mask_out_frac": kif_jax.mask_fractions(mask_out),
+            "mask_both_frac": kif_jax.mask_fractions(both),
+        }
+        return fused, stats
+
+    # --- programs -----------------------------------------------------------------------------
+    def _run_cycle(self, state: TrainState, frozen: Any, inner_batches: Batch, outer_batches: Batch | None,
+                   *, spec: CycleSpec) -> tuple[TrainState, dict]:
+        """Q inner steps; for KIF also M outer steps and the fusion (or accumulation) of their task vectors."""
+        theta_t = state.params
+        state, inner = jax.lax.scan(lambda s, b: self._inner_step(s, b, frozen, spec), state, inner_batches)
+        metrics: dict[str, jax.Array] = {f"inner_{k}": v for k, v in inner.items()}
+        if spec.outer_steps == 0:
+            return state, metrics
+        theta_k = state.params
+        state, outer = jax.lax.scan(
+            lambda s, xs: self._outer_step(s, xs[0], xs[1], frozen, spec),
+            state, (outer_batches, jnp.arange(spec.outer_steps)),
+        )
+        metrics.update({f"outer_{k}": v for k, v in outer.items()})
+        tau_in = kif_jax.task_vector(theta_k, theta_t)
+        tau_out = kif_jax.task_vector(state.params, theta_k)
+        if spec.accumulate:
+            return state.replace(acc_in=jax.tree.map(jnp.add, state.acc_in, tau_in),
+                                 acc_out=jax.tree.map(jnp.add, state.acc_out, tau_out)), metrics
+        if spec.fuse:
+            fused, stats = self._fuse(theta_t, tau_in, tau_out, state, spec)
+            metrics.update(stats)
+            state = state.replace(params=fused)
+            if spec.reset_inner:
+                state = state.replace(imp_in=kif_jax.init_importance(fused))
+            if spec.reset_outer:
+                state = state.replace(imp_out=kif_jax.init_importance(fused))
+        return state, metrics
+
+    def _merge_task(self, state: TrainState, *, spec: CycleSpec) -> tuple[TrainState, dict]:
+        """Global merge: one fusion of the task's summed task vectors from its starting parameters."""
+        fused, stats = self._fuse(state.anchor, state.acc_in, state.acc_out, state, spec)
+        return state.replace(params=fused), stats
+
+    def _estimate_outer_importance(self, state: TrainState, frozen: Any, batches: Batch, *,
+                                   spec: CycleSpec) -> TrainState:
+        """Static importance (-DIE): outer importance from K memory batches at fixed parameters."""
+
+        def body(imp, xs):
+            batch, index = xs
+            key = jax.random.fold_in(jax.random.fold_in(state.rng, STATIC_STREAM), index)
+            loss, grads, _ = self.accumulated_grads(state.params, frozen, batch, key)
+            ok = jnp.isfinite(loss) & _all_finite(grads)
+            return _where_tree(ok, self._importance(imp, state.params, grads, spec), imp), None
+
+        n = batches["input_ids"].shape[0]
+        imp_out, _ = jax.lax.scan(body, state.imp_out, (batches, jnp.arange(n)))
+        return state.replace(imp_out=imp_out)
+
+    def _dev_loss(self, params: Any, frozen: Any, batches: Batch) -> jax.Array:
+        """Mean token loss over stacked [K, mb, L] dev batches, without dropout."""
+
+        def body(carry, batch):
+            loss, count = self.token_loss(params, frozen, batch, None)
+            return (carry[0] + loss * count, carry[1] + count), None
+
+        (total, count), _ = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0)), batches)
+        return total / jnp.maximum(count, 1)
+
+
+def init_state(params: Any, tx: optax.GradientTransformation, *, key: jax.Array, total_steps: int,
+               importance: bool, separate_outer: bool, merge_accumulators: bool, select_best: bool) -> TrainState:
+    """A fresh state for one task (or phase); only the parts the method uses are allocated."""
+    zeros = functools.partial(jax.tree.map, jnp.zeros_like)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        total_steps=jnp.asarray(total_steps, jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        outer_opt_state=tx.init(params) if separate_outer else (),
+        imp_in=kif_jax.init_importance(params) if importance else (),
+        imp_out=kif_jax.init_importance(params) if importance else (),
+        anchor=jax.tree.map(jnp.copy, params) if merge_accumulators else (),
+        acc_in=zeros(params) if merge_accumulators else (),
+        acc_out=zeros(params) if merge_accumulators else (),
+        best_params=jax.tree.map(jnp.copy, params) if select_best else (),
+        best_loss=jnp.asarray(jnp.inf, jnp.float32),
+        rng=key,
+    )
