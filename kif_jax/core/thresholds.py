@@ -1,0 +1,187 @@
+"""Knowledge identification (ALGORITHM.md step 3): quantile thresholds of importance scores, and masks.
+
+Both methods return the linearly interpolated `quantile` of a group's scores (numpy's and torch's
+default): with the group's n scores sorted ascending as x_0..x_{n-1}, v = quantile * (n - 1),
+i = floor(v), t = v - i, threshold = lerp(x_i, x_{min(i+1, n-1)}, t).
+
+- "exact" concatenates the group's scores and sorts them (gathers sharded arrays).
+- "bisect" never concatenates or gathers: it finds x_i by a 32-step binary search over the float32
+  bit patterns (monotone keys), each step counting `key <= mid` over every leaf, then x_{i+1} by one
+  more counting/min pass, and applies the same interpolation. Every step is exact, so its threshold is
+  bit-identical to "exact"'s for any non-NaN scores, ties included (-0.0 counts as +0.0); only the
+  cost differs: 33 reductions over the scores instead of a sort. Counts are uint32: < 2**32 scores a group.
+
+Masks are `score > threshold` (strict). Degenerate case: if a group's scores are all equal (e.g. all
+zero in the first cycle, before any importance update), the threshold is that value and the mask is
+all False, so fusion applies the "neither" weights. An empty group gets threshold 0.0.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kif_jax.core.tree import PyTree, Scope, leaf_groups
+
+Method = Literal["exact", "bisect"]
+
+_U32_MAX = 0xFFFFFFFF
+
+
+def _u32(v: int) -> jax.Array:
+    # Explicit uint32: Python ints >= 2**31 overflow JAX's weak int32 typing.
+    return jnp.asarray(v, jnp.uint32)
+
+
+def _check_quantile(quantile: float) -> float:
+    try:
+        q = float(quantile)
+    except (TypeError, jax.errors.ConcretizationTypeError) as e:
+        raise TypeError(f"quantile must be a static Python float, got {quantile!r}") from e
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile must be a number in [0, 1], got {quantile!r}")
+    return q
+
+
+def _positions(n: int, q: float) -> tuple[int, int, float]:
+    """Static (i, i+1 clipped, fraction t) of the linear quantile of n sorted values."""
+    v = q * (n - 1)
+    i = min(max(math.floor(v), 0), n - 1)
+    return i, min(i + 1, n - 1), v - i
+
+
+def _lerp(a: jax.Array, b: jax.Array, t: jax.Array, one_minus_t: jax.Array) -> jax.Array:
+    """numpy's `_lerp`: a + (b-a)t for t < 1/2, b - (b-a)(1-t) otherwise; exactly a when a == b."""
+    d = b - a
+    r = jnp.where(t >= 0.5, b - d * one_minus_t, a + d * t)
+    return jnp.where((a == b) | (t == 0), a, r)
+
+
+def _canonical(x: jax.Array) -> jax.Array:
+    """Scores as float32 with -0.0 mapped to +0.0 (they compare equal; their bit keys do not).
+
+    Shapes are kept: a reshape of a sharded array could move data, which "bisect" must not.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    return jnp.where(x == 0, jnp.float32(0), x)
+
+
+def _ordered_key(x: jax.Array) -> jax.Array:
+    """uint32 key with key(a) < key(b) iff a < b for non-NaN float32 (sign-flipped bit pattern)."""
+    bits = lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >= _u32(0x80000000), ~bits, bits | _u32(0x80000000))
+
+
+def _key_to_float(k: jax.Array) -> jax.Array:
+    bits = jnp.where(k >= _u32(0x80000000), k & _u32(0x7FFFFFFF), ~k)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _exact(xs: list[jax.Array], q: float) -> jax.Array:
+    """Linear quantile of one group by concatenation and sort."""
+    x = jnp.sort(jnp.concatenate([jnp.ravel(x) for x in xs]))
+    i, j, t = _positions(x.size, q)
+    return _lerp(x[i], x[j], jnp.float32(t), jnp.float32(1.0 - t))
+
+
+def _bisect(xs: list[jax.Array], groups: list[int], sizes: list[int], q: float) -> jax.Array:
+    """Linear quantiles of all groups at once by counting; returns [G] float32."""
+    n_groups = len(sizes)
+    pos = [_positions(max(n, 1), q) for n in sizes]
+    need_lo = jnp.asarray([i + 1 for i, _, _ in pos], jnp.uint32)  # count(x <= x_i) >= i + 1
+    need_hi = jnp.asarray([j + 1 for _, j, _ in pos], jnp.uint32)
+    seg = jnp.asarray(groups, jnp.int32)
+
+    def counts(ref: jax.Array) -> jax.Array:
+        # Per group: number of scores whose key is <= that group's reference key.
+        c = jnp.stack([jnp.sum(_ordered_key(x) <= ref[g], dtype=jnp.uint32) for x, g in zip(xs, groups)])
+        return jax.ops.segment_sum(c, seg, num_segments=n_groups)
+
+    def step(_: int, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        lo, hi = carry
+        mid = lo + (hi - lo) // 2
+        ok = counts(mid) >= need_lo
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    init = (jnp.zeros(n_groups, jnp.uint32), jnp.full(n_groups, _U32_MAX, jnp.uint32))
+    k_lo, _ = lax.fori_loop(0, 32, step, init)  # 32 halvings of [0, 2**32) leave one key
+
+    t = [p[2] for p in pos]
+    if any(t):
+        # x_{i+1}: x_i again if enough ties, else the smallest key above k_lo.
+        above = jnp.stack([
+            jnp.min(jnp.where(k > k_lo[g], k, _u32(_U32_MAX)), initial=_u32(_U32_MAX))
+            for k, g in ((_ordered_key(x), g) for x, g in zip(xs, groups))
+        ])
+        k_next = jax.ops.segment_min(above, seg, num_segments=n_groups)
+        k_hi = jnp.where(counts(k_lo) >= need_hi, k_lo, k_next)
+    else:
+        k_hi = k_lo
+    a, b = _key_to_float(k_lo), _key_to_float(k_hi)
+    tt = jnp.asarray(t, jnp.float32)
+    one_minus = jnp.asarray([1.0 - x for x in t], jnp.float32)
+    return _lerp(a, b, tt, one_minus)
+
+
+def importance_thresholds(
+    scores: PyTree,
+    *,
+    quantile: float = 0.8,
+    scope: Scope = "global",
+    method: Method = "exact",
+) -> PyTree:
+    """The threshold applying to each leaf (a float32 scalar per leaf): the `quantile` of its group's scores.
+
+    scope "global" (reference code): one group of all leaves; "per_tensor": each leaf alone ("local");
+    "per_factor": leaves grouped by last path name (all `lora_a`, all `lora_b`); or a callable on path names.
+    """
+    q = _check_quantile(quantile)
+    if method not in ("exact", "bisect"):
+        raise ValueError(f"method must be 'exact' or 'bisect', got {method!r}")
+    leaves, treedef = jax.tree.flatten(scores)
+    if not leaves:
+        return treedef.unflatten([])
+    groups, n_groups = leaf_groups(scores, scope)
+    xs = [_canonical(x) for x in leaves]
+    sizes = [0] * n_groups
+    for x, g in zip(xs, groups):
+        sizes[g] += x.size
+    if max(sizes) >= 2**32:
+        raise ValueError(f"a threshold group has {max(sizes)} scores; at most 2**32 - 1 are supported")
+
+    if method == "exact":
+        members = [[x for x, g in zip(xs, groups) if g == k and x.size] for k in range(n_groups)]
+        thr = [_exact(m, q) if m else jnp.float32(0) for m in members]
+    else:
+        by_group = _bisect(xs, groups, sizes, q)
+        thr = [by_group[k] if sizes[k] else jnp.float32(0) for k in range(n_groups)]
+    return treedef.unflatten([thr[g] for g in groups])
+
+
+def importance_masks(
+    scores: PyTree,
+    *,
+    quantile: float = 0.8,
+    scope: Scope = "global",
+    method: Method = "exact",
+) -> PyTree:
+    """Boolean masks `score > threshold` (strict, as the reference): True marks the important elements.
+
+    With quantile 0.8 and untied scores, the top 20% of each group (see `importance_thresholds`).
+    """
+    thr = importance_thresholds(scores, quantile=quantile, scope=scope, method=method)
+    return jax.tree.map(lambda s, t: jnp.asarray(s, jnp.float32) > t, scores, thr)
+
+
+def mask_fractions(masks: PyTree) -> jax.Array:
+    """Fraction (float32 scalar) of True entries over all leaves together; 0 for an empty tree."""
+    leaves = jax.tree.leaves(masks)
+    total = sum(int(m.size) for m in leaves)
+    if total == 0:
+        return jnp.float32(0)
+    # Integer counts per leaf so the fraction stays exact far beyond 2**24 elements.
+    count = sum(jnp.sum(m, dtype=jnp.int32).astype(jnp.float32) for m in leaves)
+    return jnp.asarray(count / total, jnp.float32)
