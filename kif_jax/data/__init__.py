@@ -1,0 +1,36 @@
+"""Benchmark loading and validation, the replay memory, batching for jit, and the synthetic suite."""
+from kif_jax.data.batching import (
+    IGNORE_INDEX,
+    BatchIterator,
+    TokenizedDataset,
+    collate,
+    eval_batches,
+    pad_batch,
+    power_of_two_buckets,
+    sample_batch,
+    stack_batches,
+    tokenize_records,
+    tokenized_split,
+)
+from kif_jax.data.benchmark import (
+    BENCHMARKS,
+    ORDERS,
+    SPLITS,
+    TASKS,
+    load_split,
+    resolve_tasks,
+    split_labels,
+    split_path,
+    task_labels,
+    validate_tasks,
+)
+from kif_jax.data.buffer import memory_buffer
+from kif_jax.data.synthetic import SYNTHETIC_TASKS, make_task, write_synthetic_benchmark
+
+__all__ = [
+    "BENCHMARKS", "IGNORE_INDEX", "ORDERS", "SPLITS", "SYNTHETIC_TASKS", "TASKS", "BatchIterator",
+    "TokenizedDataset", "collate", "eval_batches", "load_split", "make_task", "memory_buffer",
+    "pad_batch", "power_of_two_buckets", "resolve_tasks", "sample_batch", "split_labels", "split_path",
+    "stack_batches", "task_labels", "tokenize_records", "tokenized_split", "validate_tasks",
+    "write_synthetic_benchmark",
+]
