@@ -2,21 +2,27 @@
 
 Both methods return the linearly interpolated `quantile` of a group's scores (numpy's and torch's
 default): with the group's n scores sorted ascending as x_0..x_{n-1}, v = quantile * (n - 1),
-i = floor(v), t = v - i, threshold = lerp(x_i, x_{min(i+1, n-1)}, t).
+i = floor(v), t = v - i, threshold = lerp(x_i, x_{min(i+1, n-1)}, t) (numpy's lerp formula).
 
-- "exact" concatenates the group's scores and sorts them (gathers sharded arrays).
-- "bisect" never concatenates or gathers: it finds x_i by a 32-step binary search over the float32
-  bit patterns (monotone keys), each step counting `key <= mid` over every leaf, then x_{i+1} by one
-  more counting/min pass, and applies the same interpolation. Every step is exact, so its threshold is
-  bit-identical to "exact"'s for any non-NaN scores, ties included (-0.0 counts as +0.0); only the
-  cost differs: 33 reductions over the scores instead of a sort. Counts are uint32: < 2**32 scores a group.
+- "exact" concatenates the group's scores and sorts them (on sharded arrays this gathers).
+- "bisect" never concatenates or gathers: it finds x_i exactly by a 32-step binary search over the
+  float32 bit patterns (order-preserving uint32 keys), each step counting `key <= mid` over every leaf,
+  then x_{i+1} by one more count/min pass, and applies the same lerp. Relation to "exact": the same two
+  order statistics, bit for bit, and the same formula, so the thresholds are equal up to how the
+  compiler rounds the final lerp (bit-identical on XLA:CPU in the tests), and exactly x_i in both when
+  t == 0 or x_i == x_{i+1}. Masks: no score lies strictly between x_i and x_{i+1}, so any threshold in
+  [x_i, x_{i+1}) gives the same mask {score > x_i}; the two methods' masks differ only if one lerp
+  rounds onto x_{i+1} itself, possible only when x_i and x_{i+1} are within a few ulps (near-ties).
+  Cost: 33 reductions over the scores instead of a sort. Counts are uint32: < 2**32 scores per group.
 
 Masks are `score > threshold` (strict). Degenerate case: if a group's scores are all equal (e.g. all
 zero in the first cycle, before any importance update), the threshold is that value and the mask is
-all False, so fusion applies the "neither" weights. An empty group gets threshold 0.0.
+all False, so fusion applies the "neither" weights. An empty group gets threshold 0.0. Scores must
+not be NaN (-0.0 counts as +0.0).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -93,12 +99,14 @@ def _bisect(xs: list[jax.Array], groups: list[int], sizes: list[int], q: float) 
     pos = [_positions(max(n, 1), q) for n in sizes]
     need_lo = jnp.asarray([i + 1 for i, _, _ in pos], jnp.uint32)  # count(x <= x_i) >= i + 1
     need_hi = jnp.asarray([j + 1 for _, j, _ in pos], jnp.uint32)
-    seg = jnp.asarray(groups, jnp.int32)
+    members = [[x for x, g in zip(xs, groups) if g == k] for k in range(n_groups)]
 
     def counts(ref: jax.Array) -> jax.Array:
-        # Per group: number of scores whose key is <= that group's reference key.
-        c = jnp.stack([jnp.sum(_ordered_key(x) <= ref[g], dtype=jnp.uint32) for x, g in zip(xs, groups)])
-        return jax.ops.segment_sum(c, seg, num_segments=n_groups)
+        # Per group: number of scores whose key is <= that group's reference key (static sums, no scatter).
+        return jnp.stack([
+            sum((jnp.sum(_ordered_key(x) <= ref[k], dtype=jnp.uint32) for x in m), _u32(0))
+            for k, m in enumerate(members)
+        ])
 
     def step(_: int, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         lo, hi = carry
@@ -112,11 +120,14 @@ def _bisect(xs: list[jax.Array], groups: list[int], sizes: list[int], q: float) 
     t = [p[2] for p in pos]
     if any(t):
         # x_{i+1}: x_i again if enough ties, else the smallest key above k_lo.
-        above = jnp.stack([
-            jnp.min(jnp.where(k > k_lo[g], k, _u32(_U32_MAX)), initial=_u32(_U32_MAX))
-            for k, g in ((_ordered_key(x), g) for x, g in zip(xs, groups))
+        def next_key(x: jax.Array, k: int) -> jax.Array:
+            key = _ordered_key(x)
+            return jnp.min(jnp.where(key > k_lo[k], key, _u32(_U32_MAX)), initial=_u32(_U32_MAX))
+
+        k_next = jnp.stack([
+            functools.reduce(jnp.minimum, (next_key(x, k) for x in m), _u32(_U32_MAX))
+            for k, m in enumerate(members)
         ])
-        k_next = jax.ops.segment_min(above, seg, num_segments=n_groups)
         k_hi = jnp.where(counts(k_lo) >= need_hi, k_lo, k_next)
     else:
         k_hi = k_lo
@@ -138,9 +149,21 @@ def importance_thresholds(
     scope "global" (reference code): one group of all leaves; "per_tensor": each leaf alone ("local");
     "per_factor": leaves grouped by last path name (all `lora_a`, all `lora_b`); or a callable on path names.
     """
+    return _thresholds(scores, _validate(scores, quantile, scope, method), scope, method)
+
+
+def _validate(scores: PyTree, quantile: float, scope: Scope, method: Method) -> float:
+    """Checks the options eagerly (clear errors before tracing); returns the quantile as a float."""
     q = _check_quantile(quantile)
     if method not in ("exact", "bisect"):
         raise ValueError(f"method must be 'exact' or 'bisect', got {method!r}")
+    leaf_groups(scores, scope)
+    return q
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _thresholds(scores: PyTree, q: float, scope: Scope, method: Method) -> PyTree:
+    # Jitted so eager callers compile once per tree structure and options; inlined under an outer jit.
     leaves, treedef = jax.tree.flatten(scores)
     if not leaves:
         return treedef.unflatten([])
@@ -172,7 +195,12 @@ def importance_masks(
 
     With quantile 0.8 and untied scores, the top 20% of each group (see `importance_thresholds`).
     """
-    thr = importance_thresholds(scores, quantile=quantile, scope=scope, method=method)
+    return _masks(scores, _validate(scores, quantile, scope, method), scope, method)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _masks(scores: PyTree, q: float, scope: Scope, method: Method) -> PyTree:
+    thr = _thresholds(scores, q, scope, method)
     return jax.tree.map(lambda s, t: jnp.asarray(s, jnp.float32) > t, scores, thr)
 
 
@@ -182,6 +210,6 @@ def mask_fractions(masks: PyTree) -> jax.Array:
     total = sum(int(m.size) for m in leaves)
     if total == 0:
         return jnp.float32(0)
-    # Integer counts per leaf so the fraction stays exact far beyond 2**24 elements.
-    count = sum(jnp.sum(m, dtype=jnp.int32).astype(jnp.float32) for m in leaves)
-    return jnp.asarray(count / total, jnp.float32)
+    # Integer counts: a float32 sum would drop units beyond 2**24 elements.
+    count = sum(jnp.sum(m, dtype=jnp.int32) for m in leaves)
+    return (count.astype(jnp.float32) / jnp.float32(total)).astype(jnp.float32)
