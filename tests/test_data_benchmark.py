@@ -99,6 +99,8 @@ BAD_FILES = {
     "label_set_differs": (_records(input="Say it. Option: yes, no, maybe.\nx\nAnswer:"), "Option list"),
     "no_options": (_records(input="Say it.\nx\nAnswer:"), "no 'Option: <labels>.' list"),
     "not_utf8": (None, "not UTF-8"),
+    # Valid JSON that pyarrow cannot hold (an integer beyond int64) fails inside `datasets`.
+    "huge_int": (_records(extra=10**24), "cannot be read by the datasets json loader (ValueError: Value is too big!"),
 }
 
 

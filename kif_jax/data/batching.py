@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from kif_jax.data.benchmark import load_split
+from kif_jax.data.benchmark import load_split, split_path
 
 IGNORE_INDEX = -100
 MIN_INPUT_BUCKET = 32
@@ -141,7 +141,9 @@ def tokenized_split(
 ) -> TokenizedDataset:
     """`tokenize_records(load_split(...))`, memoised per tokenizer so each split is tokenized once."""
     cache = _TOKEN_CACHE.setdefault(tokenizer, {})
-    key = (os.path.abspath(data_dir), task, split, max_input_length, max_target_length)
+    stat = os.stat(split_path(data_dir, task, split)) if split_path(data_dir, task, split).is_file() else None
+    version = (stat.st_mtime_ns, stat.st_size) if stat else None  # a rewritten file is tokenized again
+    key = (os.path.abspath(data_dir), task, split, version, max_input_length, max_target_length)
     if key not in cache:
         cache[key] = tokenize_records(
             load_split(data_dir, task, split), tokenizer,

@@ -219,7 +219,15 @@ def _diagnose(path: pathlib.Path, exc: Exception | None) -> DataError:
     for i, rec in enumerate(raw):
         if not isinstance(rec, dict):
             return DataError(f"{path}: record {i} is a JSON {type(rec).__name__}, not an object")
-    detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}" if exc else "unknown"
+    try:
+        _validate(path, "?", raw)
+    except DataError as err:
+        return err
+    root = exc
+    while root is not None and (root.__cause__ or root.__context__) is not None:
+        root = root.__cause__ or root.__context__
+    text = str(root).strip().splitlines()[0] if root is not None and str(root).strip() else ""
+    detail = f"{type(root).__name__}: {text}" if root is not None else "no id/input/output columns"
     return DataError(f"{path}: cannot be read by the datasets json loader ({detail})")
 
 
