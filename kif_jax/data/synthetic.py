@@ -1,21 +1,24 @@
 """A procedurally generated CL suite in the benchmark's format, small enough for a byte-level T5 on CPU.
 
-Every input is `<Keyword>: <question> Option: <labels>.\\n<body>\\nAnswer:` (about 80-110
-characters), every output one short label. The tasks are built to interfere: they draw from one
-shared vocabulary (24 nouns in 4 groups, 12 adjectives, 2-digit numbers), and two pairs of
-tasks show *identical* bodies with the same label set but a different rule, so a model that
-follows only the body must get one of each pair wrong:
+Every input is `<Keyword>? Option: <labels>.\n<body>\nAnswer:`, at most 63 bytes (64 byte-level
+tokens with EOS, the smallest length bucket above 32, which halves the encoder's cost against a
+128-token bucket), and every output is one short label. The tasks are built to interfere: they
+draw from one shared vocabulary (24 three-letter nouns in 4 groups, 12 adjectives, 2-digit
+numbers), and bodies repeat across tasks with the same label set but a different rule, so a model
+that follows only the body must get the other task wrong:
 
-  topic        "cat rice soup"  -> the group of the two words that agree (food)
-  first_topic  "cat rice soup"  -> the group of the first word (animal)
-  compare      "47 82"          -> is the first number bigger? (no)
-  parity       "47 82"          -> is the second number even? (yes)
-  sentiment    "kind fox, warm rope" -> good / bad (both adjectives share a polarity)
-  membership   "owl in cat fox owl"  -> yes / no, is the word in the list?
+  topic        "cat egg pie"          -> the group of the two words that agree (food)
+  first_topic  "cat egg pie"          -> the group of the first word (animal)
+  compare      "47 82"                -> is the first number bigger? (no)
+  parity       "47 82"                -> is the second number even? (yes)
+  sentiment    "kind fox, warm saw"   -> good / bad (both adjectives share a polarity)
+  has_animal   "cat egg pie"          -> yes / no, is any word an animal?
 
-Each instruction starts with its own keyword (Topic:, First:, Bigger:, Even:, Mood:, Member:), so
-a multi-task model can tell the tasks apart. Labels are balanced within each split; inputs are
-distinct across the three splits of a task; everything is drawn from (seed, task name).
+Each task needs only word- or digit-level lookups plus a fixed rule (no matching across positions,
+which a 2-layer model learns much more slowly). Each instruction is its own keyword (Topic?,
+First?, Bigger?, Even?, Mood?, Animal?), so a multi-task model can tell the tasks apart. Labels are
+balanced within each split; inputs are distinct across the three splits of a task; everything is
+drawn from (seed, task name).
 """
 from __future__ import annotations
 
@@ -29,9 +32,9 @@ import numpy as np
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "animal": ("cat", "dog", "fox", "owl", "bee", "cow"),
-    "food": ("rice", "soup", "cake", "egg", "bun", "pie"),
-    "tool": ("saw", "axe", "pen", "nail", "rope", "drill"),
-    "place": ("park", "farm", "lake", "city", "shop", "road"),
+    "food": ("egg", "bun", "pie", "jam", "ham", "fig"),
+    "tool": ("saw", "axe", "hoe", "awl", "pen", "mop"),
+    "place": ("inn", "zoo", "spa", "gym", "bay", "pub"),
 }
 NOUNS: tuple[str, ...] = tuple(w for words in GROUPS.values() for w in words)
 ADJECTIVES: dict[str, tuple[str, ...]] = {
@@ -85,23 +88,25 @@ def _sentiment(rng: np.random.Generator, label: str) -> str:
     return f"{adjs[0]} {nouns[0]}, {adjs[1]} {nouns[1]}"
 
 
-def _membership(rng: np.random.Generator, label: str) -> str:
-    words = _pick(rng, NOUNS, 4)
-    listed = words[:3]
-    query = listed[int(rng.integers(3))] if label == "yes" else words[3]
-    return f"{query} in {' '.join(listed)}"
+def _has_animal(rng: np.random.Generator, label: str) -> str:
+    others = [w for g, words in GROUPS.items() if g != "animal" for w in words]
+    if label == "no":
+        return " ".join(_pick(rng, others, 3))
+    n_animals = int(rng.integers(1, 4))
+    words = _pick(rng, GROUPS["animal"], n_animals) + _pick(rng, others, 3 - n_animals)
+    return " ".join(words[i] for i in rng.permutation(3))
 
 
 # name -> (instruction before "Option:", labels in prompt order, body generator)
 _TASKS: dict[str, tuple[str, tuple[str, ...], Body]] = {
-    "topic": ("Topic: which group do most words belong to?", tuple(GROUPS), _topic),
-    "compare": ("Bigger: is the first number larger?", YES_NO, _compare),
-    "first_topic": ("First: which group is the first word from?", tuple(GROUPS), _first_topic),
-    "parity": ("Even: is the second number even?", YES_NO, _parity),
-    "sentiment": ("Mood: are the adjectives good or bad?", ("good", "bad"), _sentiment),
-    "membership": ("Member: is the word in the list?", YES_NO, _membership),
+    "topic": ("Topic?", tuple(GROUPS), _topic),
+    "compare": ("Bigger?", YES_NO, _compare),
+    "first_topic": ("First?", tuple(GROUPS), _first_topic),
+    "parity": ("Even?", YES_NO, _parity),
+    "sentiment": ("Mood?", ("good", "bad"), _sentiment),
+    "has_animal": ("Animal?", YES_NO, _has_animal),
 }
-# Ordered so that any prefix of 3+ tasks holds a conflicting pair (topic/first_topic).
+# Ordered so that any prefix of 3+ tasks holds a conflicting pair (topic/first_topic, then compare/parity).
 SYNTHETIC_TASKS: tuple[str, ...] = tuple(_TASKS)
 
 
