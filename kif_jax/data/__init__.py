@@ -1,4 +1,12 @@
-"""Benchmark loading and validation, the replay memory, batching for jit, and the synthetic suite."""
+"""Benchmark loading and validation, the replay memory, batching for jit, and the synthetic suite.
+
+    tasks = resolve_tasks(benchmark="long", order=1)          # or tasks="cb,copa,rte"
+    validate_tasks(data_dir, tasks)                           # every file checked up front
+    train = tokenize_records(load_split(data_dir, tasks[4], "train"), tokenizer)
+    memory = tokenize_records(memory_buffer(data_dir, tasks[:4]), tokenizer)  # 2%, class-balanced
+    batches = BatchIterator(train, 8, seed=0)                 # .next(), .state(), .restore(state)
+    replay = sample_batch(memory, 8, np.random.default_rng(0))
+"""
 from kif_jax.data.batching import (
     IGNORE_INDEX,
     BatchIterator,
