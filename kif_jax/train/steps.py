@@ -246,7 +246,7 @@ def init_state(params: Any, tx: optax.GradientTransformation, *, key: jax.Array,
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         total_steps=jnp.asarray(total_steps, jnp.int32),
-        params=params,
+        params=jax.tree.map(jnp.copy, params),  # the caller's arrays survive the cycle's donation
         opt_state=tx.init(params),
         outer_opt_state=tx.init(params) if separate_outer else (),
         imp_in=kif_jax.init_importance(params) if importance else (),

@@ -1,0 +1,28 @@
+"""The body of main.py: run, print the tables, and turn user errors into one line and exit code 2."""
+from __future__ import annotations
+
+import sys
+
+import ml_collections
+from absl import logging
+
+from kif_jax.errors import KifError
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> int:
+    """Train and evaluate every configured method; returns the process exit code."""
+    from kif_jax import metrics
+    from kif_jax.train import train_and_evaluate
+
+    logging.set_verbosity(logging.WARNING)
+    try:
+        results = train_and_evaluate(config, workdir)
+    except KifError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for result in results.values():
+        print(metrics.accuracy_table(result["accuracy_matrix"], result["tasks"], method=result["method"]))
+        print()
+    print(metrics.comparison_table(results))
+    print(f"\nresults in {workdir}/<method>/results.json; comparison in {workdir}/comparison.md")
+    return 0

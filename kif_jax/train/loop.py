@@ -1,0 +1,412 @@
+"""The task loop: for every method, train the tasks in order, evaluate, checkpoint, and report.
+
+`train_and_evaluate(config, workdir)` validates the config and every data file first, so a mistake
+costs seconds; then it loads the model once and runs the configured methods one after another,
+each into `<workdir>/<method>/` (results.json, metrics.jsonl, accuracy_matrix.png, checkpoints/).
+Starting again with the same workdir resumes each method from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from tqdm import tqdm
+
+from kif_jax import data as kdata
+from kif_jax import metrics
+from kif_jax.checkpointing import RunCheckpointer, config_fingerprint
+from kif_jax.config import SYNTHETIC_DATA, split_list, validate_config
+from kif_jax.data import synthetic
+from kif_jax.data.batching import BatchIterator, TokenizedDataset, collate, pad_batch, sample_batch, tokenize_records
+from kif_jax.errors import ConfigError, NonFiniteError
+from kif_jax.evaluation import Evaluator
+from kif_jax.reporting import MetricsWriter, save_heatmap, write_json
+from kif_jax.sharding import data_mesh, replicate, shard_rows
+from kif_jax.train.methods import CycleSpec, MethodSpec, cycle_spec, method_spec
+from kif_jax.train.steps import Programs, TrainState, init_state
+
+STATIC_IMPORTANCE_STREAM = 2**31 - 1  # numpy seed word for the -DIE estimate's memory batches
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What every method of a run shares: data, tokenized splits, the model split, programs, evaluator."""
+
+    config: ml_collections.ConfigDict
+    workdir: pathlib.Path
+    data_dir: pathlib.Path
+    tasks: list[str]
+    tokenizer: Any
+    graphdef: nnx.GraphDef
+    init_params: Any
+    frozen: Any
+    mesh: Any
+    programs: Programs
+    evaluator: Evaluator
+    fingerprint: str
+    _cache: dict = dataclasses.field(default_factory=dict)
+
+    def tokenized(self, key: tuple, records_fn) -> TokenizedDataset:
+        """Tokenize once per (split, tasks) and keep it in memory for every method and step."""
+        if key not in self._cache:
+            c = self.config.train
+            self._cache[key] = tokenize_records(records_fn(), self.tokenizer, max_input_length=c.max_input_length,
+                                                max_target_length=c.max_target_length)
+        return self._cache[key]
+
+    def train_set(self, tasks: Sequence[str]) -> TokenizedDataset:
+        return self.tokenized(("train", tuple(tasks)), lambda: [
+            r for t in tasks for r in kdata.load_split(self.data_dir, t, "train")])
+
+    def test_set(self, task: str) -> TokenizedDataset:
+        cap = self.config.eval.max_examples_per_task
+
+        def records() -> list[dict]:
+            rows = kdata.load_split(self.data_dir, task, "test")
+            return rows[:cap] if cap else rows
+
+        return self.tokenized(("test", task), records)
+
+    def memory(self, tasks: Sequence[str]) -> TokenizedDataset:
+        c = self.config
+        return self.tokenized(("memory", tuple(tasks)), lambda: kdata.memory_buffer(
+            self.data_dir, list(tasks), ratio=c.kif.memory_ratio, seed=c.seed))
+
+    def dev_set(self, tasks: Sequence[str]) -> TokenizedDataset:
+        n = self.config.train.select_dev_examples
+        return self.tokenized(("dev", tuple(tasks)), lambda: [
+            r for t in tasks for r in kdata.load_split(self.data_dir, t, "dev")[:n]])
+
+
+def resolve_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[pathlib.Path, list[str]]:
+    """Validate the config and every data file of the run; generate synthetic data if asked."""
+    validate_config(config)
+    tasks = kdata.resolve_tasks(benchmark=config.benchmark or None, order=config.order or None,
+                                tasks=config.tasks or None)
+    if config.data_dir == SYNTHETIC_DATA:
+        unknown = [t for t in tasks if t not in synthetic.SYNTHETIC_TASKS]
+        if unknown:
+            raise ConfigError(f"config field 'tasks': {', '.join(unknown)} are not synthetic tasks "
+                              f"({', '.join(synthetic.SYNTHETIC_TASKS)})")
+        s = config.synthetic
+        data_dir = synthetic.write_synthetic_benchmark(workdir / "synthetic_data", tasks, n_train=s.n_train,
+                                                       n_dev=s.n_dev, n_test=s.n_test, seed=config.seed)
+    else:
+        data_dir = pathlib.Path(config.data_dir)
+    splits = ("train", "dev", "test") if config.train.select_best else ("train", "test")
+    kdata.validate_tasks(data_dir, tasks, splits=splits)
+    return pathlib.Path(data_dir), tasks
+
+
+def build_model(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+    """The backbone (with LoRA when only LoRA trains) and its tokenizer."""
+    from kif_jax import models
+
+    dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+    m = config.model
+    lora = None
+    if m.trainable == "lora":
+        lora = models.LoRAConfig(rank=m.lora.rank, alpha=float(m.lora.alpha), dropout=float(m.lora.dropout),
+                                 targets=tuple(split_list(m.lora.targets)))
+    if m.name == "tiny":
+        t = m.tiny
+        t5_config = models.T5Config(
+            vocab_size=t.vocab_size, d_model=t.d_model, d_kv=t.d_kv, d_ff=t.d_ff, num_layers=t.num_layers,
+            num_decoder_layers=t.num_layers, num_heads=t.num_heads, dropout_rate=t.dropout_rate,
+            feed_forward_proj=t.feed_forward_proj, tie_word_embeddings=t.feed_forward_proj == "relu",
+            scale_decoder_outputs=t.feed_forward_proj == "relu")
+        model = models.T5(t5_config, lora=lora, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(params=config.seed))
+        source = m.tokenizer or "byte"
+    else:
+        source = models.PRESETS[m.name][0] if m.name in models.PRESETS else m.name
+        model = models.from_pretrained(source, dtype=dtype, lora=lora, seed=config.seed)
+        source = m.tokenizer or source
+    tokenizer = models.load_tokenizer(source)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ConfigError(f"tokenizer '{source}' has {tokenizer.vocab_size} ids but the model only "
+                          f"{model.config.vocab_size} embeddings")
+    return model, tokenizer
+
+
+def _phase_key(seed: int, phase: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.PRNGKey(seed), phase)
+
+
+class MethodRun:
+    """One method over the task sequence, resumable at cycle granularity."""
+
+    def __init__(self, ctx: RunContext, method: MethodSpec) -> None:
+        self.ctx = ctx
+        self.method = method
+        self.config = ctx.config
+        self.dir = ctx.workdir / method.name
+        tasks = ctx.tasks
+        self.phases: list[list[str]] = [list(tasks)] if method.joint else [[t] for t in tasks]
+        self.R = np.full((len(tasks), len(tasks)), np.nan)
+        self.zero_shot: list[float] | None = None
+        self.timing = {"train_s": 0.0, "eval_s": 0.0}
+
+    # --- state --------------------------------------------------------------------------------
+    def _uses_importance(self, phase: int) -> bool:
+        return self.method.kif and phase >= 1
+
+    def fresh_state(self, phase: int, params: Any, total_steps: int) -> TrainState:
+        c = self.config
+        return init_state(
+            params, self.ctx.programs.tx, key=_phase_key(c.seed, phase), total_steps=total_steps,
+            importance=self._uses_importance(phase),
+            separate_outer=self._uses_importance(phase) and c.kif.outer_optimizer == "separate",
+            merge_accumulators=self._uses_importance(phase) and self.method.merge_at_task_end,
+            select_best=c.train.select_best)
+
+    def next_phase_state(self, prev: TrainState | None, phase: int, params: Any, total_steps: int) -> TrainState:
+        """Reset at the task boundary (reference), or carry optimizer and importance states over."""
+        state = self.fresh_state(phase, params, total_steps)
+        if prev is None or self.config.train.reset_at_task_boundary:
+            return state
+        carried = {"opt_state": prev.opt_state}
+        for name in ("imp_in", "imp_out", "outer_opt_state"):
+            if jax.tree.structure(getattr(prev, name)) == jax.tree.structure(getattr(state, name)):
+                carried[name] = getattr(prev, name)
+        return state.replace(**carried)
+
+    # --- data ---------------------------------------------------------------------------------
+    def phase_train_set(self, phase: int) -> TokenizedDataset:
+        tasks = self.phases[phase]
+        if self.method.replay_data and phase >= 1:
+            prev = [t for p in self.phases[:phase] for t in p]
+            key = ("replay", tuple(tasks), tuple(prev))
+            return self.ctx.tokenized(key, lambda: [
+                r for t in tasks for r in kdata.load_split(self.ctx.data_dir, t, "train")
+            ] + kdata.memory_buffer(self.ctx.data_dir, prev, ratio=self.config.kif.memory_ratio,
+                                    seed=self.config.seed))
+        return self.ctx.train_set(tasks)
+
+    def stack(self, batches: list[dict], input_len: int, target_len: int) -> dict:
+        """Pad to one shape, split rows into [A, mb] micro-batches, stack to [n, A, mb, L], shard rows."""
+        mb = self.config.train.micro_batch_size
+        padded = [pad_batch(b, input_len, target_len) for b in batches]
+        stacked = {k: np.stack([b[k].reshape(-1, mb, b[k].shape[-1]) for b in padded]) for k in padded[0]}
+        return shard_rows(stacked, self.ctx.mesh, row_axis=2)
+
+    # --- training -----------------------------------------------------------------------------
+    def run(self) -> dict:
+        c = self.config
+        ckpt = RunCheckpointer(self.dir / "checkpoints", keep=c.checkpoint.keep, fingerprint=self.ctx.fingerprint)
+        try:
+            return self._run(ckpt)
+        finally:
+            ckpt.close()
+
+    def _run(self, ckpt: RunCheckpointer) -> dict:
+        c, ctx = self.config, self.ctx
+        start_phase, state, iterator_state, offset = 0, None, None, None
+        params = ctx.init_params
+        latest = ckpt.latest_step()
+        if latest is not None:
+            meta = ckpt.restore_meta(latest)
+            start_phase = meta["phase"]
+            self.R = np.array([[np.nan if v is None else v for v in row] for row in meta["R"]])
+            self.zero_shot = meta["zero_shot"]
+            self.timing = meta["timing"]
+            offset = meta["metrics_offset"]
+            like_phase = start_phase if meta["mid_phase"] else start_phase - 1
+            like = self.fresh_state(like_phase, params, 0)
+            state = ckpt.restore_state(latest, replicate(like, ctx.mesh))
+            params = state.params
+            iterator_state = meta["iterator"] if meta["mid_phase"] else None
+            logging.info("%s: resumed from checkpoint %d (task %d)", self.method.name, latest, start_phase + 1)
+        writer = MetricsWriter(self.dir / "metrics.jsonl", resume_offset=offset)
+
+        if self.zero_shot is None and c.eval.all_tasks and not self.method.joint:
+            t0 = time.perf_counter()
+            self.zero_shot = [ctx.evaluator.accuracy(params, ctx.frozen, ctx.test_set(t)) for t in ctx.tasks]
+            self.timing["eval_s"] += time.perf_counter() - t0
+
+        for phase in range(start_phase, len(self.phases)):
+            resuming = iterator_state is not None
+            state = self.train_phase(phase, state, params, iterator_state, writer, ckpt)
+            iterator_state = None
+            params = state.params
+            t0 = time.perf_counter()
+            self.evaluate_phase(phase, params)
+            self.timing["eval_s"] += time.perf_counter() - t0
+            writer.write({"event": "task_end", "method": self.method.name, "phase": phase,
+                          "tasks": self.phases[phase], "accuracy": self.R[self._row(phase)].tolist(),
+                          "resumed": resuming})
+            self.save(ckpt, state, phase=phase + 1, mid_phase=False, iterator=None, writer=writer)
+            logging.info("%s: after %s: %s", self.method.name, ",".join(self.phases[phase]),
+                         metrics.accuracy_table(self.R, ctx.tasks, method=self.method.name).splitlines()[-1])
+
+        result = metrics.make_results(self.method.name, ctx.tasks, self.R, zero_shot=self.zero_shot,
+                                      config=c.to_dict(), timing=self.timing)
+        write_json(self.dir / "results.json", result)
+        save_heatmap(self.dir / "accuracy_matrix.png", self.R, ctx.tasks, title=self.method.name)
+        return result
+
+    def _row(self, phase: int) -> int:
+        return len(self.ctx.tasks) - 1 if self.method.joint else phase
+
+    def save(self, ckpt: RunCheckpointer, state: TrainState, *, phase: int, mid_phase: bool,
+             iterator: dict | None, writer: MetricsWriter) -> None:
+        steps_done = int(state.step)
+        # Checkpoint ids grow through the run: phase-major, then steps within the phase.
+        ckpt_id = phase * 10_000_000 + (steps_done if mid_phase else 0)
+        meta = {"phase": phase, "mid_phase": mid_phase, "iterator": iterator, "step": steps_done,
+                "R": [[None if math.isnan(v) else float(v) for v in row] for row in self.R],
+                "zero_shot": self.zero_shot, "timing": self.timing, "metrics_offset": writer.offset(),
+                "method": self.method.name}
+        ckpt.save(ckpt_id, state, meta)
+
+    def evaluate_phase(self, phase: int, params: Any) -> None:
+        ctx = self.ctx
+        row = self._row(phase)
+        seen = len(ctx.tasks) if self.method.joint else phase + 1
+        columns = range(len(ctx.tasks)) if self.config.eval.all_tasks else range(seen)
+        for j in columns:
+            self.R[row, j] = ctx.evaluator.accuracy(params, ctx.frozen, ctx.test_set(ctx.tasks[j]))
+
+    def train_phase(self, phase: int, state: TrainState | None, params: Any, iterator_state: dict | None,
+                    writer: MetricsWriter, ckpt: RunCheckpointer) -> TrainState:
+        c, ctx, method = self.config, self.ctx, self.method
+        programs, mesh, frozen = ctx.programs, ctx.mesh, ctx.frozen
+        kif = method.kif and phase >= 1
+        train_set = self.phase_train_set(phase)
+        batch_size = c.train.batch_size
+        iterator = BatchIterator(train_set, batch_size, seed=c.seed * 1000 + phase)
+        total = c.train.epochs * iterator.steps_per_epoch
+        memory = ctx.memory([t for p in self.phases[:phase] for t in p]) if kif else None
+
+        if iterator_state is not None:
+            iterator.restore(iterator_state)
+        else:
+            state = replicate(self.next_phase_state(state, phase, params, total), mesh)
+            if kif and not method.dynamic_outer_importance:
+                rng = np.random.default_rng([c.seed, phase, STATIC_IMPORTANCE_STREAM])
+                draws = [sample_batch(memory, c.kif.outer_batch_size, rng) for _ in range(c.kif.static_batches)]
+                spec = cycle_spec(method, c.kif, inner_steps=0, with_outer=True, fuse=False)
+                shape = self._common_shape(draws)
+                state = programs.estimate_outer_importance(state, frozen, self.stack(draws, *shape), spec=spec)
+        dev = self._dev_batches(phase) if c.train.select_best else None
+
+        q_full = c.kif.inner_steps
+        name = f"{method.name} {phase + 1}/{len(self.phases)} {','.join(self.phases[phase])}"[:60]
+        # disable=None shows the bar on a terminal only, so logs and CI output stay clean.
+        bar = tqdm(total=total, initial=int(state.step), desc=name, leave=False, dynamic_ncols=True,
+                   disable=(jax.process_index() != 0) or None)
+        step = int(state.step)
+        last_saved = step
+        while step < total:
+            q = min(q_full, total - step)
+            with_outer = kif and (q == q_full or c.kif.fuse_partial_cycle)
+            spec = cycle_spec(method, c.kif, inner_steps=q, with_outer=with_outer, fuse=with_outer)
+            inner = [iterator.next() for _ in range(q)]
+            outer: list[dict] = []
+            if with_outer:
+                rng = np.random.default_rng([c.seed, phase, step])
+                outer = [sample_batch(memory, c.kif.outer_batch_size, rng) for _ in range(spec.outer_steps)]
+            shape = self._common_shape(inner + outer)
+            t0 = time.perf_counter()
+            state, out = programs.run_cycle(state, frozen, self.stack(inner, *shape),
+                                            self.stack(outer, *shape) if outer else None, spec=spec)
+            out = jax.device_get(out)
+            elapsed = time.perf_counter() - t0
+            self.timing["train_s"] += elapsed
+            self._check_finite(out, phase, step)
+            step += q
+            self._log_cycle(writer, bar, out, phase, step, q, elapsed)
+            if dev is not None and step // c.train.select_every_steps > (step - q) // c.train.select_every_steps:
+                loss = programs.dev_loss(state.params, frozen, dev)
+                better = loss < state.best_loss
+                state = state.replace(best_loss=jnp.where(better, loss, state.best_loss),
+                                      best_params=jax.tree.map(lambda a, b: jnp.where(better, a, b),
+                                                               state.params, state.best_params))
+            every = c.checkpoint.every_steps
+            if every and step < total and step // every > last_saved // every:
+                self.save(ckpt, state, phase=phase, mid_phase=True, iterator=iterator.state(), writer=writer)
+                last_saved = step
+        bar.close()
+        if kif and method.merge_at_task_end:
+            spec = cycle_spec(method, c.kif, inner_steps=q_full, with_outer=True, fuse=True)
+            state, stats = programs.merge_task(state, spec=dataclasses.replace(spec, fuse=True))
+            writer.write({"event": "global_merge", "method": method.name, "phase": phase, **jax.device_get(stats)})
+        if c.train.select_best:
+            state = state.replace(params=state.best_params)
+        return state
+
+    def _common_shape(self, batches: list[dict]) -> tuple[int, int]:
+        return (max(b["input_ids"].shape[1] for b in batches), max(b["labels"].shape[1] for b in batches))
+
+    def _dev_batches(self, phase: int) -> dict:
+        tasks = [t for p in self.phases[:phase + 1] for t in p]
+        dev = self.ctx.dev_set(tasks)
+        mb = self.config.train.micro_batch_size
+        n = math.ceil(len(dev) / mb) * mb
+        batch = collate(dev, range(len(dev)), batch_size=n)  # filler rows add nothing to the loss
+        stacked = {k: v.reshape(-1, mb, v.shape[-1]) for k, v in batch.items()}
+        return shard_rows(stacked, self.ctx.mesh, row_axis=1)
+
+    def _check_finite(self, out: dict, phase: int, step: int) -> None:
+        finite = np.asarray(out["inner_finite"]).tolist() + np.asarray(out.get("outer_finite", [])).tolist()
+        if all(finite):
+            return
+        bad = step + next(i for i, ok in enumerate(out["inner_finite"]) if not ok) if not all(out["inner_finite"]) else step
+        where = f"method {self.method.name}, task {','.join(self.phases[phase])} (#{phase + 1}), step {bad + 1}"
+        if self.config.train.on_nonfinite == "stop":
+            raise NonFiniteError(f"non-finite loss or gradient in {where}; the last checkpoint is kept")
+        logging.warning("skipped a non-finite step in %s", where)
+
+    def _log_cycle(self, writer: MetricsWriter, bar: tqdm, out: dict, phase: int, step: int, q: int,
+                   elapsed: float) -> None:
+        tokens = int(np.sum(out["inner_tokens"])) + int(np.sum(out.get("outer_tokens", 0)))
+        loss = float(np.mean(out["inner_loss"]))
+        bar.update(q)
+        bar.set_postfix(loss=f"{loss:.3f}", steps_s=f"{q / elapsed:.1f}")
+        record = {"method": self.method.name, "phase": phase, "task": ",".join(self.phases[phase]), "step": step,
+                  "loss": loss, "lr": float(out["inner_lr"][-1]), "grad_norm": float(np.mean(out["inner_grad_norm"])),
+                  "steps_per_s": q / elapsed, "target_tokens_per_s": tokens / elapsed,
+                  "skipped_steps": int(q - np.sum(out["inner_finite"]))}
+        if "outer_loss" in out:
+            record["outer_loss"] = float(np.mean(out["outer_loss"]))
+        for key in ("mask_in_frac", "mask_out_frac", "mask_both_frac"):
+            if key in out:
+                record[key] = float(out[key])
+        writer.write(record)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, dict]:
+    """Run every configured method; returns {method: results.json contents}."""
+    workdir = pathlib.Path(workdir)
+    data_dir, tasks = resolve_run(config, workdir)
+    c = config
+    model, tokenizer = build_model(config)
+    from kif_jax.models import LoRAParam
+
+    trainable = LoRAParam if c.model.trainable == "lora" else nnx.Param
+    graphdef, params, frozen = nnx.split(model, trainable, ...)
+    mesh = data_mesh(c.sharding.num_devices)
+    programs = Programs(graphdef, lr=c.train.lr, warmup_steps=c.train.warmup_steps,
+                        max_grad_norm=c.train.max_grad_norm, weight_decay=c.train.weight_decay,
+                        outer_lr=c.kif.outer_lr)
+    evaluator = Evaluator(graphdef, tokenizer, batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens,
+                          mesh=mesh)
+    ctx = RunContext(config=c, workdir=workdir, data_dir=data_dir, tasks=tasks, tokenizer=tokenizer,
+                     graphdef=graphdef, init_params=replicate(params, mesh), frozen=replicate(frozen, mesh),
+                     mesh=mesh, programs=programs, evaluator=evaluator, fingerprint=config_fingerprint(c))
+    results: dict[str, dict] = {}
+    for name in split_list(c.methods):
+        t0 = time.perf_counter()
+        results[name] = MethodRun(ctx, method_spec(name)).run()
+        logging.info("%s finished in %.1f s", name, time.perf_counter() - t0)
+    table = metrics.comparison_table(results)
+    (workdir / "comparison.md").write_text(table + "\n")
+    return results
