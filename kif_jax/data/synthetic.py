@@ -17,7 +17,8 @@ that follows only the body must get the other task wrong:
 Each task needs only word- or digit-level lookups plus a fixed rule (no matching across positions,
 which a 2-layer model learns much more slowly). Each instruction is its own keyword (Topic?,
 First?, Bigger?, Even?, Mood?, Animal?), so a multi-task model can tell the tasks apart. Labels are
-balanced within each split; inputs are distinct across the three splits of a task; everything is
+balanced within each split; inputs are distinct across the three splits of a task (topic and
+first_topic have 2,160 possible bodies, so at most that many examples per task); everything is
 drawn from (seed, task name).
 """
 from __future__ import annotations
