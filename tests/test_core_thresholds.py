@@ -31,7 +31,7 @@ def test_global_count_matches_exact_threshold_and_numpy():
     leaves = [rng.standard_normal(s).astype(np.float32) for s in ((37, 5), (200,), (3, 4, 6))]
     flat = np.concatenate([x.ravel() for x in leaves])
     n = flat.size
-    for q in (0.0, 0.8, 1.0):
+    for q in (0.25, 0.8):
         thr = float(kif_jax.importance_thresholds(leaves, quantile=q)[0])
         np.testing.assert_allclose(thr, np.quantile(flat.astype(np.float64), q), rtol=1e-6, atol=1e-7)
         masks = kif_jax.importance_masks(leaves, quantile=q)
@@ -76,35 +76,31 @@ def test_per_factor_groups_lora_a_and_b_of_nnx_state():
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), by_fn, fact))
 
 
-def _distinct(rng, n, dtype):
-    """n distinct values exactly representable in dtype (integers times a power of two, some negative)."""
-    ints = rng.permutation(np.arange(-n // 3, n - n // 3))
-    return jnp.asarray((ints * 2.0**-7).astype(np.float32), dtype)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-def test_exact_and_bisect_agree(dtype):
+def test_exact_and_bisect_agree_on_several_shapes_and_dtypes():
     rng = np.random.default_rng(4)
-    shapes = [(), (7,), (3, 5), (2, 3, 4)]
-    offs = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
-    vals = _distinct(rng, int(offs[-1]), dtype)
-    tied = jnp.asarray(rng.integers(-2, 3, vals.shape), dtype)
-    # float32 gets both scopes and the end quantiles; the narrower dtypes are cast to it on entry.
-    # Leaf sizes 1, 7, 15, 24 (47 in all) cover t == 0 and t > 0 in both scopes.
-    cases = [("global", 0.8), ("per_tensor", 0.8), ("global", 0.0), ("per_tensor", 1.0)]
-    cases = cases if dtype == jnp.float32 else cases[:1]
-    for data in (vals, tied):  # tie-free and heavily tied data reuse the same compilations
-        tree = {f"l{i}": data[offs[i]:offs[i + 1]].reshape(s) for i, s in enumerate(shapes)}
+    spec = [((), jnp.float32), ((7,), jnp.bfloat16), ((3, 5), jnp.float16), ((2, 3, 4), jnp.float32)]
+    sizes = [int(np.prod(s)) for s, _ in spec]
+    offs = np.cumsum([0] + sizes)
+    # 47 distinct values k / 128, |k| < 256: exact in every dtype above, some negative.
+    distinct = rng.permutation(np.arange(-15, 32)) / 128.0
+    tied = rng.integers(-2, 3, offs[-1]).astype(np.float64)
+    special = tied.copy()  # signed zeros, subnormals and extremes in the float32 leaves
+    special[offs[3]:offs[3] + 9] = [-0.0, 0.0, -0.0, 1e-45, -1e-45, 3e38, -3e38, 1.2e-38, 1e-40]
+    special[0] = -0.0
+    cases = [("global", 0.8), ("per_tensor", 0.8), ("global", 1.0), ("per_tensor", 0.0)]
+    for data in (distinct, tied, special):  # all reuse the same compilations
+        tree = {f"l{i}": jnp.asarray(data[offs[i]:offs[i + 1]].reshape(s), d) for i, (s, d) in enumerate(spec)}
         for scope, q in cases:
             te = kif_jax.importance_thresholds(tree, quantile=q, scope=scope, method="exact")
             tb = kif_jax.importance_thresholds(tree, quantile=q, scope=scope, method="bisect")
-            for k in tree:  # bit-identical thresholds, hence identical masks, ties included
+            for k in tree:  # bit-identical thresholds, ties included
                 np.testing.assert_array_equal(te[k], tb[k], err_msg=f"{k} {scope} {q}")
         me = kif_jax.importance_masks(tree, method="exact")
         mb = kif_jax.importance_masks(tree, method="bisect")
         assert all(bool((me[k] == mb[k]).all()) for k in tree)
-        if data is vals:  # tie-free: 47 values, v = 36.8, so the top 10 are marked
+        if data is distinct:  # tie-free: 47 values, v = 36.8, so the top 10 are marked
             assert sum(int(m.sum()) for m in mb.values()) == 10
+    np.testing.assert_array_equal([te["l0"], te["l3"]], np.float32([0.0, -3e38]))  # per_tensor, q = 0: the minima
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -1,6 +1,7 @@
 """Knowledge fusion (ALGORITHM.md step 4): theta_t + w_in * tau_in + w_out * tau_out, elementwise."""
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax
@@ -24,12 +25,16 @@ def _compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+@jax.jit
 def task_vector(new: PyTree, old: PyTree) -> PyTree:
     """tau = new - old per leaf, in float32 (or wider), so that old + tau rounds back to new exactly."""
-    return jax.tree.map(lambda a, b: jnp.asarray(a, _compute_dtype(a.dtype)) - jnp.asarray(b, _compute_dtype(b.dtype)), new, old)
+    wide = lambda x: jnp.asarray(x, _compute_dtype(jnp.result_type(x)))  # noqa: E731
+    return jax.tree.map(lambda a, b: wide(a) - wide(b), new, old)
 
 
-def fusion_weights(mask_in: PyTree, mask_out: PyTree, *, scheme: Scheme = "reference") -> tuple[PyTree, PyTree]:
+def fusion_weights(
+    mask_in: PyTree, mask_out: PyTree, *, scheme: Scheme = "reference"
+) -> tuple[PyTree, PyTree]:
     """Per-element float32 weights (w_in, w_out), two trees shaped like the masks.
 
     "reference" (authors' code): in only (1,0), out only (0,1), both (0.4,0.6), neither (0.5,0.5);
@@ -37,6 +42,11 @@ def fusion_weights(mask_in: PyTree, mask_out: PyTree, *, scheme: Scheme = "refer
     """
     if scheme not in _TABLES:
         raise ValueError(f"scheme must be one of {sorted(_TABLES)}, got {scheme!r}")
+    return _weights(mask_in, mask_out, scheme)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _weights(mask_in: PyTree, mask_out: PyTree, scheme: Scheme) -> tuple[PyTree, PyTree]:
     table = _TABLES[scheme]
 
     def pick(mi: jax.Array, mo: jax.Array, col: int) -> jax.Array:
@@ -52,14 +62,20 @@ def fusion_weights(mask_in: PyTree, mask_out: PyTree, *, scheme: Scheme = "refer
 def fuse_with_weights(params: PyTree, tau_in: PyTree, tau_out: PyTree, w_in: PyTree, w_out: PyTree) -> PyTree:
     """params + w_in * tau_in + w_out * tau_out, computed in float32 (or wider), returned in params' dtypes.
 
-    Weights are any arrays broadcastable to the leaves (e.g. importance-normalised, the "+Adaptive" ablation).
+    Weight trees mirror params (leaves broadcastable), e.g. importance-normalised for "+Adaptive".
     """
+    return _fuse_weights(params, tau_in, tau_out, w_in, w_out)
+
+
+@jax.jit
+def _fuse_weights(params: PyTree, tau_in: PyTree, tau_out: PyTree, w_in: PyTree, w_out: PyTree) -> PyTree:
+    # Jitted so eager and jitted callers run the same fused arithmetic.
 
     def one(p: jax.Array, ti: jax.Array, to: jax.Array, wi: jax.Array, wo: jax.Array) -> jax.Array:
         p = jnp.asarray(p)
         ct = _compute_dtype(p.dtype)
-        out = p.astype(ct) + jnp.asarray(wi, ct) * jnp.asarray(ti, ct) + jnp.asarray(wo, ct) * jnp.asarray(to, ct)
-        return out.astype(p.dtype)
+        c = lambda x: jnp.asarray(x, ct)  # noqa: E731
+        return (c(p) + c(wi) * c(ti) + c(wo) * c(to)).astype(p.dtype)
 
     return jax.tree.map(one, params, tau_in, tau_out, w_in, w_out)
 
@@ -90,7 +106,7 @@ def fuse(
     scheme: Scheme = "reference",
     method: Method = "exact",
 ) -> PyTree:
-    """One Recurrent-KIF fusion (steps 3-4): masks `score > quantile threshold` per learner, then weighted sum.
+    """One Recurrent-KIF fusion (steps 3-4): masks `score > quantile threshold` per learner, weighted sum.
 
     `params` is theta_t (the cycle's start). Same structure and dtypes as `params`. For logging, call
     `importance_masks` + `mask_fractions` + `fuse_with_masks` instead (same result, masks kept).

@@ -1,6 +1,7 @@
 """Importance estimation (ALGORITHM.md step 1-2): EMAs of parameter sensitivity and its uncertainty."""
 from __future__ import annotations
 
+import functools
 from typing import Literal, NamedTuple
 
 import jax
@@ -30,7 +31,10 @@ def init_importance(params: PyTree) -> ImportanceState:
 
 
 def sensitivity(p: jax.Array, g: jax.Array, order: Order = "first") -> jax.Array:
-    """Taylor sensitivity of one tensor in float32: |pg| ("first"), |pg*pg| ("second"), |pg - (pg)^2/2| ("mix")."""
+    """Taylor sensitivity of one tensor in float32.
+
+    |pg| ("first", reference default), |pg*pg| ("second"), |pg - (pg)^2/2| ("mix").
+    """
     pg = jnp.asarray(p, jnp.float32) * jnp.asarray(g, jnp.float32)
     if order == "first":
         return jnp.abs(pg)
@@ -56,7 +60,14 @@ def update_importance(
     """
     if order not in ("first", "second", "mix"):
         raise ValueError(f"order must be 'first', 'second' or 'mix', got {order!r}")
+    return _update(state, params, grads, beta1, beta2, order)
 
+
+@functools.partial(jax.jit, static_argnums=(5,))
+def _update(
+    state: ImportanceState, params: PyTree, grads: PyTree, beta1: float, beta2: float, order: Order
+) -> ImportanceState:
+    # Jitted so eager callers run one compiled program (inlined under an outer jit).
     def one(s_old: jax.Array, u_old: jax.Array, p: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
         s = sensitivity(p, g, order)
         s_new = beta1 * s_old + (1.0 - beta1) * s
@@ -71,7 +82,7 @@ def update_importance(
 
 
 def importance_scores(state: ImportanceState, *, kind: ScoreKind = "sens_x_unc") -> PyTree:
-    """Per-element importance in float32: S*U ("sens_x_unc", reference code) or S alone ("sens", paper text)."""
+    """Per-element importance in float32: S*U ("sens_x_unc", reference code) or S ("sens", paper text)."""
     if kind == "sens_x_unc":
         return jax.tree.map(jnp.multiply, state.sens, state.unc)
     if kind == "sens":

@@ -5,20 +5,22 @@ default): with the group's n scores sorted ascending as x_0..x_{n-1}, v = quanti
 i = floor(v), t = v - i, threshold = lerp(x_i, x_{min(i+1, n-1)}, t) (numpy's lerp formula).
 
 - "exact" concatenates the group's scores and sorts them (on sharded arrays this gathers).
-- "bisect" never concatenates or gathers: it finds x_i exactly by a 32-step binary search over the
-  float32 bit patterns (order-preserving uint32 keys), each step counting `key <= mid` over every leaf,
-  then x_{i+1} by one more count/min pass, and applies the same lerp. Relation to "exact": the same two
-  order statistics, bit for bit, and the same formula, so the thresholds are equal up to how the
-  compiler rounds the final lerp (bit-identical on XLA:CPU in the tests), and exactly x_i in both when
-  t == 0 or x_i == x_{i+1}. Masks: no score lies strictly between x_i and x_{i+1}, so any threshold in
-  [x_i, x_{i+1}) gives the same mask {score > x_i}; the two methods' masks differ only if one lerp
-  rounds onto x_{i+1} itself, possible only when x_i and x_{i+1} are within a few ulps (near-ties).
-  Cost: 33 reductions over the scores instead of a sort. Counts are uint32: < 2**32 scores per group.
+- "bisect" never concatenates, reshapes or gathers: it finds x_i exactly by a 32-step binary search
+  over the 2**32 float32 bit patterns in value order (uint32 keys), each step counting `key <= mid`
+  over every leaf (one reduction per leaf, an all-reduce when sharded), then x_{i+1} by one more
+  count and min pass, and applies the same lerp. Relation to "exact": the same two order statistics, bit for bit,
+  and the same formula, so the thresholds are equal up to how the compiler rounds the final lerp
+  (bit-identical on XLA:CPU in the tests), and exactly x_i in both when t == 0 or x_i == x_{i+1}.
+  Masks: no score lies strictly between x_i and x_{i+1}, so any threshold in [x_i, x_{i+1}) gives
+  the same mask {score > x_i}; the two methods' masks differ only if one lerp rounds onto x_{i+1}
+  itself, possible only when x_i and x_{i+1} are within a few ulps (near-ties).
+  Cost: 34 reductions over the scores (32 counts, one count, one min) instead of a concatenation
+  and a sort. Counts are uint32: < 2**32 scores per group.
 
 Masks are `score > threshold` (strict). Degenerate case: if a group's scores are all equal (e.g. all
 zero in the first cycle, before any importance update), the threshold is that value and the mask is
 all False, so fusion applies the "neither" weights. An empty group gets threshold 0.0. Scores must
-not be NaN (-0.0 counts as +0.0).
+be finite (-0.0 counts as +0.0); NaN or inf scores give unspecified thresholds.
 """
 from __future__ import annotations
 
@@ -67,16 +69,16 @@ def _lerp(a: jax.Array, b: jax.Array, t: jax.Array, one_minus_t: jax.Array) -> j
 
 
 def _canonical(x: jax.Array) -> jax.Array:
-    """Scores as float32 with -0.0 mapped to +0.0 (they compare equal; their bit keys do not).
+    """float32 scores with -0.0 (and, where the backend flushes subnormals, those too) as +0.0.
 
-    Shapes are kept: a reshape of a sharded array could move data, which "bisect" must not.
+    Both methods rank these values, so they agree bit for bit with or without subnormal flushing.
     """
     x = jnp.asarray(x, jnp.float32)
     return jnp.where(x == 0, jnp.float32(0), x)
 
 
 def _ordered_key(x: jax.Array) -> jax.Array:
-    """uint32 key with key(a) < key(b) iff a < b for non-NaN float32 (sign-flipped bit pattern)."""
+    """uint32 key with key(a) < key(b) iff a < b for non-NaN float32, +0.0 above -0.0."""
     bits = lax.bitcast_convert_type(x, jnp.uint32)
     return jnp.where(bits >= _u32(0x80000000), ~bits, bits | _u32(0x80000000))
 
@@ -84,6 +86,19 @@ def _ordered_key(x: jax.Array) -> jax.Array:
 def _key_to_float(k: jax.Array) -> jax.Array:
     bits = jnp.where(k >= _u32(0x80000000), k & _u32(0x7FFFFFFF), ~k)
     return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _count_le(k: jax.Array, ref: jax.Array) -> jax.Array:
+    """uint32 count of keys <= ref over one leaf, without reshaping it (no data movement if sharded)."""
+    # Integer compares are exact whether or not the backend flushes subnormals. A float32 sum of 0/1
+    # is exact at any summation order while it stays <= 2**24, and vectorises better than an integer
+    # sum on CPU; larger leaves are summed in float32 along the last axis only.
+    hit = (k <= ref).astype(jnp.float32)
+    if k.size <= 2**24:
+        return jnp.sum(hit).astype(jnp.uint32)
+    if k.shape[-1] <= 2**24:
+        return jnp.sum(jnp.sum(hit, axis=-1).astype(jnp.uint32), dtype=jnp.uint32)
+    return jnp.sum(k <= ref, dtype=jnp.uint32)
 
 
 def _exact(xs: list[jax.Array], q: float) -> jax.Array:
@@ -99,14 +114,12 @@ def _bisect(xs: list[jax.Array], groups: list[int], sizes: list[int], q: float) 
     pos = [_positions(max(n, 1), q) for n in sizes]
     need_lo = jnp.asarray([i + 1 for i, _, _ in pos], jnp.uint32)  # count(x <= x_i) >= i + 1
     need_hi = jnp.asarray([j + 1 for _, j, _ in pos], jnp.uint32)
-    members = [[x for x, g in zip(xs, groups) if g == k] for k in range(n_groups)]
+    # Keys once, outside the loop: each step then reads one uint32 per score.
+    members = [[_ordered_key(x) for x, g in zip(xs, groups) if g == k] for k in range(n_groups)]
 
     def counts(ref: jax.Array) -> jax.Array:
-        # Per group: number of scores whose key is <= that group's reference key (static sums, no scatter).
-        return jnp.stack([
-            sum((jnp.sum(_ordered_key(x) <= ref[k], dtype=jnp.uint32) for x in m), _u32(0))
-            for k, m in enumerate(members)
-        ])
+        # Per group: number of its keys <= its reference key (static sums over leaves, no scatter).
+        return jnp.stack([sum((_count_le(k, ref[g]) for k in m), _u32(0)) for g, m in enumerate(members)])
 
     def step(_: int, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         lo, hi = carry
@@ -119,22 +132,17 @@ def _bisect(xs: list[jax.Array], groups: list[int], sizes: list[int], q: float) 
 
     t = [p[2] for p in pos]
     if any(t):
-        # x_{i+1}: x_i again if enough ties, else the smallest key above k_lo.
-        def next_key(x: jax.Array, k: int) -> jax.Array:
-            key = _ordered_key(x)
-            return jnp.min(jnp.where(key > k_lo[k], key, _u32(_U32_MAX)), initial=_u32(_U32_MAX))
+        # x_{i+1}: x_i again if enough ties, else the smallest key above x_i's.
+        def above(k: jax.Array, g: int) -> jax.Array:
+            return jnp.min(jnp.where(k > k_lo[g], k, _u32(_U32_MAX)), initial=_u32(_U32_MAX))
 
-        k_next = jnp.stack([
-            functools.reduce(jnp.minimum, (next_key(x, k) for x in m), _u32(_U32_MAX))
-            for k, m in enumerate(members)
-        ])
+        k_next = jnp.stack([functools.reduce(jnp.minimum, (above(k, g) for k in m)) for g, m in enumerate(members)])
         k_hi = jnp.where(counts(k_lo) >= need_hi, k_lo, k_next)
     else:
         k_hi = k_lo
-    a, b = _key_to_float(k_lo), _key_to_float(k_hi)
     tt = jnp.asarray(t, jnp.float32)
     one_minus = jnp.asarray([1.0 - x for x in t], jnp.float32)
-    return _lerp(a, b, tt, one_minus)
+    return _lerp(_key_to_float(k_lo), _key_to_float(k_hi), tt, one_minus)
 
 
 def importance_thresholds(
