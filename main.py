@@ -16,14 +16,41 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Results, metrics and checkpoints; default runs/<config name>.")
 
 
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a bad flag reported in one line (exit 2) instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        _fail(str(err).splitlines()[0])
+    except (KeyError, AttributeError) as err:  # ml_collections: an override of a field that does not exist
+        bad = next((a for a in argv if a.startswith("--config.") and str(err).strip("'\"") in a), str(err))
+        _fail(f"unknown config field in {bad}")
+
+
+def load_config():
+    """The parsed config; a config file that cannot be loaded is one line, not a traceback."""
+    try:
+        config = _CONFIG.value
+        config.keys()  # a file that failed to load raises only on first use
+        return config
+    except OSError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        _fail(f"cannot load config file {flags.FLAGS['config'].config_filename}: {lines[-1]}")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from kif_jax.cli import run
 
     config_name = pathlib.Path(flags.FLAGS["config"].config_filename).stem
-    sys.exit(run(_CONFIG.value, _WORKDIR.value or f"runs/{config_name}"))
+    sys.exit(run(load_config(), _WORKDIR.value or f"runs/{config_name}"))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from kif_jax.errors import CheckpointError
 
 # Fields that may change between a run and its resumption without changing its results.
-_NOT_FINGERPRINTED = ("checkpoint", "sharding", "methods", "eval.batch_size", "train.log_every_steps")
+_NOT_FINGERPRINTED = ("checkpoint", "sharding", "methods", "eval.batch_size")
 
 
 def config_fingerprint(config: ml_collections.ConfigDict) -> str:

@@ -78,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.select_every_steps = 40  # how often dev loss is measured when select_best
     c.train.select_dev_examples = 25  # dev examples of every task seen so far used for selection
     c.train.on_nonfinite = "stop"  # "stop": fail naming task and step; "skip": drop that step
-    c.train.log_every_steps = 8  # JSON-lines metrics cadence (rounded to whole cycles)
+    c.train.prng_impl = "rbg"  # dropout bits: "rbg" (XLA RngBitGenerator, fast to compile) or "threefry"
 
     c.kif = ml_collections.ConfigDict()
     c.kif.inner_steps = 8  # Q: inner optimizer steps per fusion cycle
@@ -121,6 +121,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.trainable": ("lora", "all"),
     "model.tiny.feed_forward_proj": ("relu", "gated-gelu"),
     "train.on_nonfinite": ("stop", "skip"),
+    "train.prng_impl": ("rbg", "threefry"),
     "kif.order": ("first", "second", "mix"),
     "kif.score": ("sens_x_unc", "sens"),
     "kif.scope": ("global", "per_tensor", "per_factor"),
@@ -132,7 +133,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 _POSITIVE_INTS = (
     "train.epochs", "train.batch_size", "train.micro_batch_size", "train.max_input_length",
     "train.max_target_length", "train.select_every_steps", "train.select_dev_examples",
-    "train.log_every_steps", "kif.inner_steps", "kif.outer_steps", "kif.outer_batch_size",
+    "kif.inner_steps", "kif.outer_steps", "kif.outer_batch_size",
     "kif.static_batches", "eval.batch_size", "eval.max_new_tokens", "checkpoint.keep",
     "model.lora.rank",
 )

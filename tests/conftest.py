@@ -1,11 +1,20 @@
-"""Shared test setup: 8 virtual CPU devices for sharding tests, and the benchmark path."""
+"""Shared test setup: 8 virtual CPU devices for sharding tests, a compilation cache, the benchmark path."""
 import os
 import pathlib
+import tempfile
 
 import jax
 
 # Must run before any JAX backend is initialised; single-device tests still use device 0.
 jax.config.update("jax_num_cpu_devices", 8)
+
+# One XLA compilation cache for the session and its subprocesses: the same tiny training programs
+# are built by several tests, and CPU compilation dominates their run time.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="kif_jax_xla_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 import pytest  # noqa: E402
 

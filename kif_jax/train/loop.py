@@ -32,7 +32,7 @@ from kif_jax.evaluation import Evaluator
 from kif_jax.reporting import MetricsWriter, save_heatmap, write_json
 from kif_jax.sharding import data_mesh, replicate, shard_rows
 from kif_jax.train.methods import CycleSpec, MethodSpec, cycle_spec, method_spec
-from kif_jax.train.steps import Programs, TrainState, init_state
+from kif_jax.train.steps import Programs, TrainState, init_state, make_task_key
 
 STATIC_IMPORTANCE_STREAM = 2**31 - 1  # numpy seed word for the -DIE estimate's memory batches
 
@@ -137,10 +137,6 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _phase_key(seed: int, phase: int) -> jax.Array:
-    return jax.random.fold_in(jax.random.PRNGKey(seed), phase)
-
-
 class MethodRun:
     """One method over the task sequence, resumable at cycle granularity."""
 
@@ -162,7 +158,7 @@ class MethodRun:
     def fresh_state(self, phase: int, params: Any, total_steps: int) -> TrainState:
         c = self.config
         return init_state(
-            params, self.ctx.programs.tx, key=_phase_key(c.seed, phase), total_steps=total_steps,
+            params, self.ctx.programs.tx, key=make_task_key(c.seed, phase, c.train.prng_impl), total_steps=total_steps,
             importance=self._uses_importance(phase),
             separate_outer=self._uses_importance(phase) and c.kif.outer_optimizer == "separate",
             merge_accumulators=self._uses_importance(phase) and self.method.merge_at_task_end,
@@ -396,7 +392,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     mesh = data_mesh(c.sharding.num_devices)
     programs = Programs(graphdef, lr=c.train.lr, warmup_steps=c.train.warmup_steps,
                         max_grad_norm=c.train.max_grad_norm, weight_decay=c.train.weight_decay,
-                        outer_lr=c.kif.outer_lr)
+                        outer_lr=c.kif.outer_lr, prng_impl=c.train.prng_impl)
     evaluator = Evaluator(graphdef, tokenizer, batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens,
                           mesh=mesh)
     ctx = RunContext(config=c, workdir=workdir, data_dir=data_dir, tasks=tasks, tokenizer=tokenizer,

@@ -1,0 +1,185 @@
+"""End-to-end training: every method, one fusion cycle against kif_jax.fuse, devices, errors, checkpoints."""
+import json
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import kif_jax
+import tiny_config
+from kif_jax import models
+from kif_jax.config import METHODS
+from kif_jax.errors import CheckpointError, NonFiniteError
+from kif_jax.train import CycleSpec, Programs, init_state, train_and_evaluate
+from kif_jax.train.steps import make_task_key
+
+KIF_FAMILY = ("recurrent_kif", "static_importance", "no_identification", "global_merge", "no_share")
+WITH_MASKS = ("recurrent_kif", "static_importance", "global_merge", "no_share")
+
+
+def read_metrics(path: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def matrix(result: dict) -> np.ndarray:
+    return np.array([[math.nan if v is None else v for v in row] for row in result["accuracy_matrix"]])
+
+
+@pytest.fixture(scope="module")
+def all_methods(tmp_path_factory):
+    config = tiny_config.get_config()
+    config.methods = ",".join(METHODS)
+    workdir = tmp_path_factory.mktemp("all_methods")
+    return workdir, train_and_evaluate(config, workdir)
+
+
+def test_every_method_runs_end_to_end(all_methods):
+    workdir, results = all_methods
+    assert list(results) == list(METHODS)
+    for method, result in results.items():
+        assert json.loads((workdir / method / "results.json").read_text()) == json.loads(json.dumps(result))
+        assert (workdir / method / "accuracy_matrix.png").stat().st_size > 1000
+        R = matrix(result)
+        assert R.shape == (2, 2)
+        finite = R[np.isfinite(R)]
+        assert np.all((finite >= 0) & (finite <= 1))
+        if method == "mtl":  # one joint phase: only the last row exists, so no BWT
+            assert np.isnan(R[0]).all() and np.isfinite(R[1]).all() and result["bwt"] is None
+        else:
+            assert np.isfinite(R[0, 0]) and np.isnan(R[0, 1]) and np.isfinite(R[1]).all()
+            assert result["bwt"] == pytest.approx(R[1, 0] - R[0, 0])
+        assert result["op"] == pytest.approx(np.mean(R[1]))
+    assert "mtl" in (workdir / "comparison.md").read_text()
+
+
+def test_methods_log_what_they_do(all_methods):
+    workdir, _ = all_methods
+    for method in METHODS:
+        records = [r for r in read_metrics(workdir / method / "metrics.jsonl") if "loss" in r]
+        second_task = [r for r in records if r["phase"] == 1]
+        assert all(np.isfinite(r["loss"]) for r in records)
+        has_outer = method in KIF_FAMILY
+        assert all(("outer_loss" in r) == has_outer for r in second_task), method
+        assert all("outer_loss" not in r for r in records if r["phase"] == 0), method  # task 1: plain LoRA
+        if method in WITH_MASKS and method != "global_merge":
+            for r in second_task:  # top-20% masks: at most 20% of entries are strictly above the 0.8 quantile
+                assert 0.0 < r["mask_in_frac"] <= 0.2 and 0.0 < r["mask_out_frac"] <= 0.2
+        if method == "no_identification":
+            assert all("mask_in_frac" not in r for r in second_task)
+    merges = [r for r in read_metrics(workdir / "global_merge" / "metrics.jsonl") if r.get("event") == "global_merge"]
+    assert len(merges) == 1 and 0.0 < merges[0]["mask_in_frac"] <= 0.2
+    replay_steps = [r["step"] for r in read_metrics(workdir / "replay" / "metrics.jsonl") if r.get("phase") == 1]
+    seq_steps = [r["step"] for r in read_metrics(workdir / "seq_lora" / "metrics.jsonl") if r.get("phase") == 1]
+    assert max(replay_steps) > max(seq_steps)  # the memory buffer joins task 2's training set
+
+
+def _tiny_lora_model():
+    config = models.T5Config(vocab_size=259, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
+                             num_heads=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                             scale_decoder_outputs=False, dropout_rate=0.0)
+    lora = models.LoRAConfig(rank=4, alpha=8.0, dropout=0.0)
+    return models.T5(config, lora=lora, rngs=nnx.Rngs(3))
+
+
+def _random_batches(rng, n, micro=2, rows=4, length=16, target=4):
+    ids = rng.integers(3, 259, size=(n, micro, rows, length)).astype(np.int32)
+    labels = rng.integers(3, 259, size=(n, micro, rows, target)).astype(np.int32)
+    dec = np.concatenate([np.zeros_like(labels[..., :1]), labels[..., :-1]], axis=-1)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "decoder_input_ids": dec, "labels": labels}
+
+
+def test_one_fusion_cycle_equals_fuse_by_hand():
+    graphdef, params, frozen = nnx.split(_tiny_lora_model(), models.LoRAParam, ...)
+    # Non-zero B factors, so that both factors have gradients and importance.
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape), params)
+    programs = Programs(graphdef, lr=5e-3, warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0, outer_lr=1e-3,
+                        donate=False)
+    state = init_state(params, programs.tx, key=make_task_key(0, 1, "rbg"), total_steps=100, importance=True,
+                       separate_outer=False, merge_accumulators=False, select_best=False)
+    rng = np.random.default_rng(0)
+    inner, outer = _random_batches(rng, 3), _random_batches(rng, 2)
+    spec = CycleSpec(inner_steps=3, outer_steps=2, fuse=True, track_importance=True)
+    fused_state, out = programs.run_cycle(state, frozen, inner, outer, spec=spec)
+
+    # By hand: the same inner steps, then the outer steps one by one, then kif_jax.fuse.
+    after_inner, _ = programs.run_cycle(state, frozen, inner, None, spec=CycleSpec(inner_steps=3, track_importance=True))
+    theta_k = after_inner.params
+    s = after_inner
+    for m in range(2):
+        s, _ = programs._outer_step(s, jax.tree.map(lambda x: x[m], outer), jnp.int32(m), frozen, spec)
+    tau_in = kif_jax.task_vector(theta_k, state.params)
+    tau_out = kif_jax.task_vector(s.params, theta_k)
+    expected = kif_jax.fuse(state.params, tau_in, tau_out, kif_jax.importance_scores(s.imp_in),
+                            kif_jax.importance_scores(s.imp_out), quantile=0.8, scope="global", scheme="reference")
+    for got, want, end in zip(jax.tree.leaves(fused_state.params), jax.tree.leaves(expected),
+                              jax.tree.leaves(s.params)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
+        assert not np.allclose(got, end)  # fusion really changed the end-of-cycle parameters
+    # Reference resets: inner importance cleared, outer importance kept.
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(fused_state.imp_in.sens))
+    for got, want in zip(jax.tree.leaves(fused_state.imp_out), jax.tree.leaves(s.imp_out)):
+        np.testing.assert_array_equal(got, want)
+    assert int(fused_state.step) == 3 and out["inner_loss"].shape == (3,) and out["outer_loss"].shape == (2,)
+
+
+def _losses(workdir: pathlib.Path, method: str) -> list[tuple]:
+    keys = ("phase", "step", "loss", "grad_norm", "lr", "outer_loss", "mask_in_frac", "mask_out_frac")
+    return [tuple(r.get(k) for k in keys) for r in read_metrics(workdir / method / "metrics.jsonl") if "loss" in r]
+
+
+def test_eight_devices_equal_one_device(tmp_path):
+    results, losses = {}, {}
+    for devices in (1, 8):
+        config = tiny_config.get_config()
+        config.sharding.num_devices = devices
+        config.train.micro_batch_size = 8  # 8 rows: one per device
+        config.model.lora.dropout = 0.0  # rbg dropout bits are not guaranteed identical across meshes
+        results[devices] = train_and_evaluate(config, tmp_path / str(devices))["recurrent_kif"]
+        losses[devices] = _losses(tmp_path / str(devices), "recurrent_kif")
+    assert len(losses[1]) == len(losses[8]) >= 4
+    for a, b in zip(losses[1], losses[8]):
+        assert a[:2] == b[:2]
+        np.testing.assert_allclose([x for x in a[2:] if x is not None], [x for x in b[2:] if x is not None],
+                                   rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(matrix(results[1]), matrix(results[8]))
+
+
+def test_non_finite_loss_stops_with_task_and_step_or_is_skipped(tmp_path):
+    config = tiny_config.get_config()
+    config.methods = "seq_lora"
+    config.train.lr = 1e30  # the first update overflows the LoRA factors
+    with pytest.raises(NonFiniteError, match=r"task topic \(#1\), step \d+"):
+        train_and_evaluate(config, tmp_path / "stop")
+    assert not (tmp_path / "stop" / "seq_lora" / "results.json").exists()
+    config.train.on_nonfinite = "skip"
+    train_and_evaluate(config, tmp_path / "skip")
+    skipped = sum(r.get("skipped_steps", 0) for r in read_metrics(tmp_path / "skip" / "seq_lora" / "metrics.jsonl"))
+    assert skipped > 0
+
+
+def test_finished_run_resumes_to_same_result_and_refuses_other_config(tmp_path):
+    config = tiny_config.get_config()
+    config.methods = "seq_lora"
+    first = train_and_evaluate(config, tmp_path)["seq_lora"]
+    again = train_and_evaluate(config, tmp_path)["seq_lora"]  # restored from the last checkpoint
+    assert again["accuracy_matrix"] == first["accuracy_matrix"]
+    config.train.lr = 5e-3
+    with pytest.raises(CheckpointError, match="different config"):
+        train_and_evaluate(config, tmp_path)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    config = tiny_config.get_config()
+    config.methods = "seq_lora"
+    train_and_evaluate(config, tmp_path)
+    checkpoints = tmp_path / "seq_lora" / "checkpoints"
+    latest = max((p for p in checkpoints.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    for f in (latest / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        train_and_evaluate(config, tmp_path)
