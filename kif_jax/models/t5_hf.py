@@ -1,0 +1,323 @@
+"""Hugging Face T5 checkpoints <-> kif_jax `T5`, through `safetensors` alone (no torch).
+
+One table maps Hugging Face names to model paths (both directions), with an explicit transform
+per row; every shape is checked against the abstract model (`nnx.eval_shape`) before any tensor
+is read, and every problem is collected and reported in one `ModelLoadError`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+from typing import Any, Callable, Iterable
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kif_jax.errors import ConfigError, ModelLoadError
+from kif_jax.models.t5 import LoRAConfig, LoRAParam, T5, T5Config, merged_kernels
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+#: What `snapshot_download` may fetch: weights, configs and tokenizer files, never pickles.
+HUB_ALLOW_PATTERNS = ("*.safetensors", "*.json", "*.model", "*.txt", "tokenizer*")
+
+_FIELDS = {
+    "stack": r"encoder|decoder",
+    "i": r"\d+",
+    "proj": r"q|k|v|o",
+    "ff": r"wi|wi_0|wi_1|wo",
+}
+
+
+def _t(x: np.ndarray) -> np.ndarray:
+    """[out, in] (torch `nn.Linear`) <-> [in, out] (kif_jax `Dense`)."""
+    return x.T
+
+
+# (Hugging Face name, model path, transform applied on load; its inverse is the same transpose).
+_TABLE: tuple[tuple[str, str, Callable[[np.ndarray], np.ndarray] | None], ...] = (
+    ("shared.weight", "shared.embedding", None),
+    ("{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+     "{stack}.relative_attention_bias.embedding", None),
+    ("{stack}.block.{i}.layer.0.SelfAttention.{proj}.weight", "{stack}.blocks.{i}.self_attention.{proj}.kernel", _t),
+    ("{stack}.block.{i}.layer.0.layer_norm.weight", "{stack}.blocks.{i}.self_attention_norm.scale", None),
+    ("decoder.block.{i}.layer.1.EncDecAttention.{proj}.weight", "decoder.blocks.{i}.cross_attention.{proj}.kernel", _t),
+    ("decoder.block.{i}.layer.1.layer_norm.weight", "decoder.blocks.{i}.cross_attention_norm.scale", None),
+    ("encoder.block.{i}.layer.1.DenseReluDense.{ff}.weight", "encoder.blocks.{i}.ff.{ff}.kernel", _t),
+    ("encoder.block.{i}.layer.1.layer_norm.weight", "encoder.blocks.{i}.ff_norm.scale", None),
+    ("decoder.block.{i}.layer.2.DenseReluDense.{ff}.weight", "decoder.blocks.{i}.ff.{ff}.kernel", _t),
+    ("decoder.block.{i}.layer.2.layer_norm.weight", "decoder.blocks.{i}.ff_norm.scale", None),
+    ("{stack}.final_layer_norm.weight", "{stack}.final_norm.scale", None),
+    ("lm_head.weight", "lm_head.kernel", _t),
+)
+# Tied copies of `shared.weight`, and a bias Hugging Face creates but never uses.
+_IGNORED = (
+    r"(encoder|decoder)\.embed_tokens\.weight",
+    r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight",
+)
+_EMBED_ALIASES = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+
+
+def _compile(template: str) -> re.Pattern[str]:
+    out, pos = [], 0
+    for m in re.finditer(r"\{(\w+)\}", template):
+        out.append(re.escape(template[pos:m.start()]))
+        out.append(f"(?P<{m.group(1)}>{_FIELDS[m.group(1)]})")
+        pos = m.end()
+    out.append(re.escape(template[pos:]))
+    return re.compile("".join(out))
+
+
+_HF_TO_MODEL = tuple((_compile(hf), model, fn) for hf, model, fn in _TABLE)
+_MODEL_TO_HF = tuple((_compile(model), hf, fn) for hf, model, fn in _TABLE)
+
+
+def hf_to_model_path(name: str) -> tuple[str, Callable | None] | None:
+    """The model path of a Hugging Face tensor name and its transform; None if unknown."""
+    for pattern, template, fn in _HF_TO_MODEL:
+        m = pattern.fullmatch(name)
+        if m:
+            return template.format(**m.groupdict()), fn
+    return None
+
+
+def model_to_hf_name(path: str) -> tuple[str, Callable | None] | None:
+    """The Hugging Face name of a dotted model path and its (inverse) transform."""
+    for pattern, template, fn in _MODEL_TO_HF:
+        m = pattern.fullmatch(path)
+        if m:
+            return template.format(**m.groupdict()), fn
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Finding and reading the files
+# --------------------------------------------------------------------------------------------
+
+
+def _convert_hint(directory: str) -> str:
+    return (f"{directory} holds only PyTorch pickles (pytorch_model.bin); kif_jax reads safetensors only. "
+            "Convert it once on a machine with torch: python -c \"from transformers import "
+            "T5ForConditionalGeneration as M; M.from_pretrained('SRC').save_pretrained('DST')\" "
+            "(transformers >= 5 writes model.safetensors), then load DST.")
+
+
+def resolve_checkpoint(path_or_repo_id: str) -> str:
+    """A local directory holding the checkpoint: the path itself, or a hub snapshot."""
+    path = os.path.expanduser(str(path_or_repo_id))
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise ModelLoadError(f"{path} is a file; pass the checkpoint directory (with config.json)")
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep in path.replace("/", ""):
+        raise ModelLoadError(f"checkpoint directory {path} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, allow_patterns=list(HUB_ALLOW_PATTERNS))
+    except Exception as e:  # noqa: BLE001 - every hub failure becomes one message
+        raise ModelLoadError(f"cannot fetch {path!r} from the Hugging Face hub "
+                             f"({type(e).__name__}: {e}); pass a local checkpoint directory instead") from None
+
+
+def _weight_files(directory: str) -> dict[str, str]:
+    """tensor name -> safetensors file, from the index of a sharded checkpoint or the single file."""
+    from safetensors import safe_open
+
+    index = os.path.join(directory, SAFE_INDEX)
+    if os.path.exists(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"cannot read {index}: {e}") from None
+        missing = sorted({v for v in weight_map.values() if not os.path.exists(os.path.join(directory, v))})
+        if missing:
+            raise ModelLoadError(f"{index} names shard(s) that are not in {directory}: {', '.join(missing)}")
+        return {k: os.path.join(directory, v) for k, v in weight_map.items()}
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if not files:
+        if any(f.endswith(".bin") for f in os.listdir(directory)):
+            raise ModelLoadError(_convert_hint(directory))
+        raise ModelLoadError(f"no *.safetensors file in {directory}")
+    out = {}
+    for name in files:
+        file = os.path.join(directory, name)
+        try:
+            with safe_open(file, framework="numpy") as f:
+                out.update({k: file for k in f.keys()})
+        except Exception as e:  # noqa: BLE001 - a corrupt file of any kind
+            raise ModelLoadError(f"cannot read {file}: {e}") from None
+    return out
+
+
+class _Reader:
+    """Lazy access to tensors spread over safetensors files: shapes first, data on demand."""
+
+    def __init__(self, files: dict[str, str]) -> None:
+        from safetensors import safe_open
+
+        self.files = files
+        self._handles = {f: safe_open(f, framework="numpy") for f in sorted(set(files.values()))}
+
+    def names(self) -> list[str]:
+        return sorted(self.files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[self.files[name]].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        return str(self._handles[self.files[name]].get_slice(name).get_dtype())
+
+    def get(self, name: str) -> np.ndarray:
+        return self._handles[self.files[name]].get_tensor(name)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _dotted(path: Iterable[Any]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _summarise(title: str, items: list[str], limit: int = 12) -> str:
+    shown = "\n    ".join(items[:limit])
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"  {title} ({len(items)}):\n    {shown}{more}"
+
+
+def _untie_if_separate_head(config: T5Config, reader: _Reader) -> T5Config:
+    """transformers 5 marks every T5 tied; a stored lm_head that differs from the embedding unties it."""
+    import dataclasses
+
+    if not config.tie_word_embeddings or "lm_head.weight" not in reader.files:
+        return config
+    source = next((n for n in _EMBED_ALIASES if n in reader.files), None)
+    if source is not None and reader.shape(source) == reader.shape("lm_head.weight") and np.array_equal(
+            reader.get(source), reader.get("lm_head.weight")):
+        return config
+    return dataclasses.replace(config, tie_word_embeddings=False)
+
+
+def _init_lora_state(lora_abstract: nnx.State, seed: int) -> nnx.State:
+    """Adapters as peft initialises them: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0.
+
+    Each A is drawn on the host from (seed, its path), so loading compiles nothing and an
+    adapter's initial value does not depend on which other projections are adapted.
+    """
+    flat = []
+    for path, var in nnx.to_flat_state(lora_abstract):
+        shape = var.get_value().shape
+        if path[-1] == "lora_a":
+            rng = np.random.default_rng([seed, zlib.crc32(_dotted(path).encode())])
+            bound = 1.0 / np.sqrt(shape[0])
+            value = rng.uniform(-bound, bound, shape).astype(np.float32)
+        else:
+            value = np.zeros(shape, np.float32)
+        flat.append((path, var.replace(jnp.asarray(value))))
+    return nnx.from_flat_state(flat)
+
+
+def load_t5(path_or_repo_id: str, *, dtype: Any = jnp.float32, lora: LoRAConfig | None = None,
+            seed: int = 0) -> T5:
+    """Read `config.json` and `*.safetensors` into a `T5` whose parameters are `dtype`."""
+    directory = resolve_checkpoint(path_or_repo_id)
+    config_file = os.path.join(directory, "config.json")
+    if not os.path.exists(config_file):
+        raise ModelLoadError(f"no config.json in {directory}")
+    try:
+        config = T5Config.from_json(config_file)
+    except (ConfigError, ValueError, TypeError) as e:
+        raise ModelLoadError(f"{config_file}: {e}") from None
+    reader = _Reader(_weight_files(directory))
+    config = _untie_if_separate_head(config, reader)
+
+    abstract = nnx.eval_shape(lambda: T5(config, lora=lora, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed)))
+    graphdef, lora_abstract, base_abstract = nnx.split(abstract, LoRAParam, ...)
+    expected = {_dotted(path): var for path, var in nnx.to_flat_state(base_abstract)}
+
+    problems: dict[str, list[str]] = {"unexpected tensors": [], "missing parameters": [], "shape mismatches": [],
+                                      "unsupported dtypes": []}
+    plan: dict[str, tuple[str, Callable | None]] = {}
+    seen: set[str] = set()  # parameters with a tensor in the checkpoint, usable or not
+    for name in reader.names():
+        target = hf_to_model_path(name)
+        if target is None:
+            if not any(re.fullmatch(p, name) for p in _IGNORED):
+                problems["unexpected tensors"].append(name)
+            continue
+        path, fn = target
+        if path not in expected:
+            if not (path == "lm_head.kernel" and config.tie_word_embeddings):
+                problems["unexpected tensors"].append(f"{name} (no {path} in this model)")
+            continue
+        seen.add(path)
+        shape = reader.shape(name)
+        if fn is _t:
+            shape = shape[::-1]
+        want = tuple(expected[path].get_value().shape)
+        if shape != want:
+            problems["shape mismatches"].append(f"{name}: checkpoint {shape} (as [in, out]), model {want}")
+            continue
+        if reader.dtype(name) not in _FLOAT_DTYPES:
+            problems["unsupported dtypes"].append(f"{name}: {reader.dtype(name)}")
+            continue
+        plan[path] = (name, fn)
+    if "shared.embedding" not in plan and "shared.embedding" in expected:
+        alias = next((n for n in _EMBED_ALIASES[1:] if n in reader.files), None)
+        if alias is not None and reader.shape(alias) == tuple(expected["shared.embedding"].get_value().shape):
+            plan["shared.embedding"] = (alias, None)
+            seen.add("shared.embedding")
+    problems["missing parameters"] = sorted(set(expected) - seen)
+    found = [_summarise(k, v) for k, v in problems.items() if v]
+    if found:
+        raise ModelLoadError(f"checkpoint {directory} does not fit the T5 of its config.json:\n" + "\n".join(found))
+
+    flat = []
+    for path, var in nnx.to_flat_state(base_abstract):
+        name, fn = plan[_dotted(path)]
+        value = reader.get(name)
+        if fn is not None:
+            value = fn(value)
+        flat.append((path, var.replace(jnp.asarray(np.asarray(value).astype(var.get_value().dtype)))))
+    base = nnx.from_flat_state(flat)
+    if lora is None:
+        return nnx.merge(graphdef, lora_abstract, base)
+    return nnx.merge(graphdef, _init_lora_state(lora_abstract, seed), base)
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+
+
+def to_hf_state_dict(model: T5) -> dict[str, np.ndarray]:
+    """Hugging Face names -> numpy arrays, adapters merged into their kernels (W + scale A B)."""
+    merged = {f"{p}.kernel": w for p, w in merged_kernels(model).items()}
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Not(LoRAParam))):
+        dotted = _dotted(path)
+        hf = model_to_hf_name(dotted)
+        if hf is None:
+            raise ModelLoadError(f"no Hugging Face name for model parameter {dotted}")
+        name, fn = hf
+        value = np.asarray(merged.get(dotted, var[...]))
+        out[name] = np.ascontiguousarray(fn(value) if fn is not None else value)
+    return out
+
+
+def save_pretrained(model: T5, directory: str) -> None:
+    """Write `config.json` and `model.safetensors` (LoRA merged) that `from_pretrained` and HF read."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(model.config.to_hf(), f, indent=2)
+    save_file(to_hf_state_dict(model), os.path.join(directory, SAFE_WEIGHTS), metadata={"format": "pt"})
