@@ -34,7 +34,7 @@ class ByteTokenizer:
             i = int(i)
             if i == self.eos_token_id:
                 break
-            if i >= self.offset:
+            if self.offset <= i < self.offset + 256:  # ByT5 checkpoints add sentinel ids past the bytes
                 out.append(i - self.offset)
         return out.decode("utf-8", errors="ignore")
 

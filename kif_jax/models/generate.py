@@ -1,0 +1,141 @@
+"""Jitted inference for T5: greedy decoding of short targets, and option scoring.
+
+Both jit over (graphdef, state), with the graphdef static: calling again with the same shapes and a
+model of the same structure (e.g. after a training step changed only the weights) reuses the
+compiled program.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kif_jax.models.t5 import T5, shift_right
+from kif_jax.models.tokenizers import Tokenizer
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _forward(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, decoder_input_ids: jax.Array,
+             attention_mask: jax.Array | None, decoder_attention_mask: jax.Array | None) -> jax.Array:
+    return nnx.merge(graphdef, state)(input_ids, decoder_input_ids, attention_mask, decoder_attention_mask)
+
+
+def forward(model: T5, input_ids: jax.Array, decoder_input_ids: jax.Array, attention_mask: jax.Array | None = None,
+            decoder_attention_mask: jax.Array | None = None) -> jax.Array:
+    """`model(...)` (deterministic) under jit: float32 logits [B, T, V], one compile per shape."""
+    graphdef, state = nnx.split(model)
+    return _forward(graphdef, state, input_ids, decoder_input_ids, attention_mask, decoder_attention_mask)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens",))
+def _greedy(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array, *,
+            max_new_tokens: int) -> jax.Array:
+    model: T5 = nnx.merge(graphdef, state)
+    cfg = model.config
+    b = input_ids.shape[0]
+    cache = model.init_cache(model.encode(input_ids, attention_mask), attention_mask, max_new_tokens)
+    out = jnp.full((b, max_new_tokens), cfg.pad_token_id, jnp.int32)
+    start = jnp.full((b,), cfg.decoder_start_token_id, jnp.int32)
+
+    def cond(carry):
+        i, _, _, done, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, prev, cache, done, out = carry
+        logits, cache = model.decode_step(prev, i, cache)  # [B, V]
+        token = jnp.where(done, cfg.pad_token_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
+        return i + 1, token, cache, done | (token == cfg.eos_token_id), out
+
+    carry = (jnp.zeros((), jnp.int32), start, cache, jnp.zeros((b,), bool), out)
+    return jax.lax.while_loop(cond, body, carry)[-1]
+
+
+def greedy_decode(model: T5, input_ids: jax.Array, attention_mask: jax.Array | None, *,
+                  max_new_tokens: int) -> jax.Array:
+    """Greedy continuation, int32 [B, max_new_tokens]: EOS kept, everything after it pad.
+
+    The encoder runs once; the decoder runs one position per step with a key/value cache, inside
+    `lax.while_loop`, which stops early once every row has produced EOS.
+    """
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if attention_mask is None:
+        attention_mask = input_ids != model.config.pad_token_id
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    graphdef, state = nnx.split(model)
+    return _greedy(graphdef, state, input_ids, jnp.asarray(attention_mask), max_new_tokens=int(max_new_tokens))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _score(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array,
+           option_ids: jax.Array) -> jax.Array:
+    model: T5 = nnx.merge(graphdef, state)
+    cfg = model.config
+    b, c, t = option_ids.shape
+    enc = model.encode(input_ids, attention_mask)  # [B, S, D]
+    enc = jnp.repeat(enc, c, axis=0)  # [B*C, S, D]
+    mask = jnp.repeat(attention_mask, c, axis=0)
+    labels = option_ids.reshape(b * c, t)
+    logits = model.decode(shift_right(labels, cfg.decoder_start_token_id, cfg.pad_token_id), enc, mask)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]  # [B*C, T]
+    return jnp.sum(jnp.where(labels != cfg.pad_token_id, picked, 0.0), axis=-1).reshape(b, c)
+
+
+def score_options(model: T5, input_ids: jax.Array, attention_mask: jax.Array | None,
+                  option_ids: jax.Array) -> jax.Array:
+    """Summed log-likelihood [B, C] float32 of each candidate target `option_ids` [B, C, T] (pad-padded).
+
+    The encoder runs once per input; every option is teacher-forced through the decoder. Use
+    `argmax(-1)` to pick an option.
+    """
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if attention_mask is None:
+        attention_mask = input_ids != model.config.pad_token_id
+    option_ids = jnp.asarray(option_ids, jnp.int32)
+    if option_ids.ndim != 3 or option_ids.shape[0] != input_ids.shape[0]:
+        raise ValueError(f"option_ids must be [B, C, T] with B={input_ids.shape[0]}, got {option_ids.shape}")
+    graphdef, state = nnx.split(model)
+    return _score(graphdef, state, input_ids, jnp.asarray(attention_mask), option_ids)
+
+
+def pad_batch(rows: Sequence[Sequence[int]], length: int, *, pad_id: int, eos_id: int,
+              batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows -> (ids, mask) int32 [batch_size, length]; long rows keep their head and end in EOS.
+
+    Rows added to reach `batch_size` hold a lone EOS, so that no row is fully masked.
+    """
+    n = len(rows) if batch_size is None else batch_size
+    if len(rows) > n:
+        raise ValueError(f"{len(rows)} rows do not fit a batch of {n}")
+    ids = np.full((n, length), pad_id, np.int32)
+    mask = np.zeros((n, length), np.int32)
+    for r, row in enumerate(list(rows) + [[eos_id]] * (n - len(rows))):
+        row = list(row)
+        if len(row) > length:
+            row = row[: length - 1] + [eos_id]
+        ids[r, : len(row)] = row
+        mask[r, : len(row)] = 1
+    return ids, mask
+
+
+def generate_texts(model: T5, tokenizer: Tokenizer, texts: Sequence[str], *, batch_size: int,
+                   max_input_length: int, max_new_tokens: int) -> list[str]:
+    """Greedy answers to `texts`, every batch padded to [batch_size, max_input_length] (one compile)."""
+    rows = tokenizer.encode_batch(list(texts))
+    pending = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start: start + batch_size]
+        ids, mask = pad_batch(chunk, max_input_length, pad_id=tokenizer.pad_token_id,
+                              eos_id=tokenizer.eos_token_id, batch_size=batch_size)
+        pending.append((len(chunk), greedy_decode(model, ids, mask, max_new_tokens=max_new_tokens)))
+    out: list[str] = []
+    for n, tokens in pending:  # dispatch everything first, then wait: the device never idles
+        out.extend(tokenizer.decode_batch(np.asarray(tokens)[:n].tolist()))
+    return out
