@@ -109,7 +109,7 @@ class T5Config:
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "T5Config":
         """From a Hugging Face `config.json` dict (hub style and transformers-5 style alike)."""
-        if hf.get("model_type", "t5") not in ("t5", "mt5", "umt5"):
+        if hf.get("model_type", "t5") not in ("t5", "mt5"):
             raise ConfigError(f"config.json has model_type {hf.get('model_type')!r}, expected 't5'")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in hf.items() if k in names and v is not None}
@@ -433,7 +433,7 @@ class Block(nnx.Module):
         self.ff_norm = RMSNorm(cfg.d_model, **norm)
         self.ff = FeedForward(cfg, path=f"{path}.ff", **common)
 
-    def _residual(self, x: jax.Array, y: jax.Array, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
+    def _residual(self, x: jax.Array, y: jax.Array, deterministic: bool, rngs: RngsLike) -> jax.Array:
         return x + _dropout(y, self.dropout_rate, deterministic, rngs)
 
     def __call__(self, x: jax.Array, position_bias: jax.Array, mask_bias: jax.Array | None,
