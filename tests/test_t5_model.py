@@ -150,3 +150,18 @@ def test_export_round_trip_merges_lora(tmp_path):
     assert not again.config.tie_word_embeddings and not lora_modules(again)
     got = forward(again, *args)
     assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-4
+
+
+def test_tied_copies_and_embedding_aliases_are_accepted(tmp_path):
+    """Older hub files store the embedding under several names (and a tied lm_head copy)."""
+    from safetensors.numpy import load_file, save_file
+
+    d = _copy(tmp_path)
+    tensors = load_file(d / "model.safetensors")
+    shared = tensors.pop("shared.weight")
+    tensors.update({"encoder.embed_tokens.weight": shared, "decoder.embed_tokens.weight": shared.copy(),
+                    "lm_head.weight": shared.copy()})
+    save_file(tensors, d / "model.safetensors")
+    model = from_pretrained(str(d))
+    assert model.config.tie_word_embeddings and not hasattr(model, "lm_head")
+    np.testing.assert_array_equal(np.asarray(model.shared.embedding[...]), shared)
