@@ -1,4 +1,8 @@
-"""The functional KIF core: importance EMAs, quantile masks and fusion, pure functions on any pytree."""
+"""The functional KIF core: importance EMAs, quantile masks and fusion, pure functions on any pytree.
+
+Options (order, kind, quantile, scope, scheme, method) are static: under `jax.jit`, bind them with
+`functools.partial` or `static_argnames`; arrays and pytrees are ordinary traced arguments.
+"""
 from kif_jax.core.fusion import fuse, fuse_with_masks, fuse_with_weights, fusion_weights, task_vector
 from kif_jax.core.importance import (
     ImportanceState,

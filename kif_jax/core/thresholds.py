@@ -2,7 +2,8 @@
 
 Both methods return the linearly interpolated `quantile` of a group's scores (numpy's and torch's
 default): with the group's n scores sorted ascending as x_0..x_{n-1}, v = quantile * (n - 1),
-i = floor(v), t = v - i, threshold = lerp(x_i, x_{min(i+1, n-1)}, t) (numpy's lerp formula).
+i = floor(v), t = v - i, threshold = lerp(x_i, x_{min(i+1, n-1)}, t), with torch.quantile's rank
+and lerp formulas (numpy's lerp too), in float32 like torch on float32 scores.
 
 - "exact" concatenates the group's scores and sorts them (on sharded arrays this gathers).
 - "bisect" never concatenates, reshapes or gathers: it finds x_i exactly by a 32-step binary search
