@@ -30,6 +30,14 @@ def test_default_betas_and_orders():
     st = kif_jax.update_importance(kif_jax.init_importance([p]), [p], [g])
     np.testing.assert_allclose(st.sens[0], [0.15, 0.45], rtol=1e-6)  # 0.15 * s
     np.testing.assert_allclose(st.unc[0], [0.1275, 0.3825], rtol=1e-6)  # 0.15 * 0.85 * s
+    # Bit for bit the float32 arithmetic of the PyTorch reference (Python-float betas cast to float32).
+    st = kif_jax.update_importance(st, [p], [2 * g])
+    b, c = np.float32(0.85), np.float32(1 - 0.85)
+    s1, s2 = np.abs(np.float32([1.0, -3.0])), np.abs(np.float32([2.0, -6.0]))
+    sens1 = c * s1
+    sens2 = b * sens1 + c * s2
+    np.testing.assert_array_equal(st.sens[0], sens2)
+    np.testing.assert_array_equal(st.unc[0], b * (c * np.abs(s1 - sens1)) + c * np.abs(s2 - sens2))
     for order, s in (("second", [1.0, 9.0]), ("mix", [0.5, 7.5])):
         st = kif_jax.update_importance(kif_jax.init_importance([p]), [p], [g], beta1=0.0, order=order)
         np.testing.assert_allclose(st.sens[0], s)

@@ -60,18 +60,26 @@ def update_importance(
     """
     if order not in ("first", "second", "mix"):
         raise ValueError(f"order must be 'first', 'second' or 'mix', got {order!r}")
-    return _update(state, params, grads, beta1, beta2, order)
+    # 1 - beta in double precision, then float32, as PyTorch scales a float32 tensor by a Python float.
+    return _update(state, params, grads, (beta1, 1.0 - beta1), (beta2, 1.0 - beta2), order)
 
 
 @functools.partial(jax.jit, static_argnums=(5,))
 def _update(
-    state: ImportanceState, params: PyTree, grads: PyTree, beta1: float, beta2: float, order: Order
+    state: ImportanceState,
+    params: PyTree,
+    grads: PyTree,
+    beta1: tuple[float, float],
+    beta2: tuple[float, float],
+    order: Order,
 ) -> ImportanceState:
     # Jitted so eager callers run one compiled program (inlined under an outer jit).
+    (b1, c1), (b2, c2) = beta1, beta2
+
     def one(s_old: jax.Array, u_old: jax.Array, p: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
         s = sensitivity(p, g, order)
-        s_new = beta1 * s_old + (1.0 - beta1) * s
-        u_new = beta2 * u_old + (1.0 - beta2) * jnp.abs(s - s_new)  # the new S, as in the reference
+        s_new = b1 * s_old + c1 * s
+        u_new = b2 * u_old + c2 * jnp.abs(s - s_new)  # the new S, as in the reference
         return s_new.astype(jnp.float32), u_new.astype(jnp.float32)
 
     treedef = jax.tree.structure(state.sens)
