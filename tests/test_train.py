@@ -72,8 +72,8 @@ def test_methods_log_what_they_do(all_methods):
             assert all("mask_in_frac" not in r for r in second_task)
     merges = [r for r in read_metrics(workdir / "global_merge" / "metrics.jsonl") if r.get("event") == "global_merge"]
     assert len(merges) == 1 and 0.0 < merges[0]["mask_in_frac"] <= 0.2
-    replay_steps = [r["step"] for r in read_metrics(workdir / "replay" / "metrics.jsonl") if r.get("phase") == 1]
-    seq_steps = [r["step"] for r in read_metrics(workdir / "seq_lora" / "metrics.jsonl") if r.get("phase") == 1]
+    replay_steps = [r["step"] for r in read_metrics(workdir / "replay" / "metrics.jsonl") if "loss" in r]
+    seq_steps = [r["step"] for r in read_metrics(workdir / "seq_lora" / "metrics.jsonl") if "loss" in r]
     assert max(replay_steps) > max(seq_steps)  # the memory buffer joins task 2's training set
 
 
@@ -92,7 +92,8 @@ def _random_batches(rng, n, micro=2, rows=4, length=16, target=4):
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "decoder_input_ids": dec, "labels": labels}
 
 
-def test_one_fusion_cycle_equals_fuse_by_hand():
+@pytest.mark.parametrize("outer_micro", [2, 1], ids=["one_scan", "two_scans"])
+def test_one_fusion_cycle_equals_fuse_by_hand(outer_micro):
     graphdef, params, frozen = nnx.split(_tiny_lora_model(), models.LoRAParam, ...)
     # Non-zero B factors, so that both factors have gradients and importance.
     params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape), params)
@@ -101,7 +102,7 @@ def test_one_fusion_cycle_equals_fuse_by_hand():
     state = init_state(params, programs.tx, key=make_task_key(0, 1, "rbg"), total_steps=100, importance=True,
                        separate_outer=False, merge_accumulators=False, select_best=False)
     rng = np.random.default_rng(0)
-    inner, outer = _random_batches(rng, 3), _random_batches(rng, 2)
+    inner, outer = _random_batches(rng, 3), _random_batches(rng, 2, micro=outer_micro)
     spec = CycleSpec(inner_steps=3, outer_steps=2, fuse=True, track_importance=True)
     fused_state, out = programs.run_cycle(state, frozen, inner, outer, spec=spec)
 
@@ -110,7 +111,7 @@ def test_one_fusion_cycle_equals_fuse_by_hand():
     theta_k = after_inner.params
     s = after_inner
     for m in range(2):
-        s, _ = programs._outer_step(s, jax.tree.map(lambda x: x[m], outer), jnp.int32(m), frozen, spec)
+        s, _ = programs._step(s, jax.tree.map(lambda x: x[m], outer), True, jnp.int32(m), frozen, spec)
     tau_in = kif_jax.task_vector(theta_k, state.params)
     tau_out = kif_jax.task_vector(s.params, theta_k)
     expected = kif_jax.fuse(state.params, tau_in, tau_out, kif_jax.importance_scores(s.imp_in),
@@ -122,7 +123,8 @@ def test_one_fusion_cycle_equals_fuse_by_hand():
     # Reference resets: inner importance cleared, outer importance kept.
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(fused_state.imp_in.sens))
     for got, want in zip(jax.tree.leaves(fused_state.imp_out), jax.tree.leaves(s.imp_out)):
-        np.testing.assert_array_equal(got, want)
+        # Two compiled programs round differently in the last bits; |s - S| amplifies that near zero.
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()))
     assert int(fused_state.step) == 3 and out["inner_loss"].shape == (3,) and out["outer_loss"].shape == (2,)
 
 
@@ -151,7 +153,7 @@ def test_eight_devices_equal_one_device(tmp_path):
 def test_non_finite_loss_stops_with_task_and_step_or_is_skipped(tmp_path):
     config = tiny_config.get_config()
     config.methods = "seq_lora"
-    config.train.lr = 1e30  # the first update overflows the LoRA factors
+    config.train.lr = 1e38  # the first update takes the LoRA factors near float32 max; the next loss is NaN
     with pytest.raises(NonFiniteError, match=r"task topic \(#1\), step \d+"):
         train_and_evaluate(config, tmp_path / "stop")
     assert not (tmp_path / "stop" / "seq_lora" / "results.json").exists()

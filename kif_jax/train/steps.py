@@ -140,38 +140,44 @@ class Programs:
     def _importance(self, imp: Any, params: Any, grads: Any, spec: CycleSpec) -> Any:
         return kif_jax.update_importance(imp, params, grads, beta1=spec.beta1, beta2=spec.beta2, order=spec.order)
 
-    def _inner_step(self, state: TrainState, batch: Batch, frozen: Any, spec: CycleSpec) -> tuple[TrainState, dict]:
-        key = self._key(state, INNER_STREAM, state.step)
-        loss, grads, tokens = self.accumulated_grads(state.params, frozen, batch, key)
-        lr = linear_warmup_decay(state.step, state.total_steps, peak=self.lr, warmup=self.warmup_steps)
-        params, opt_state = self._apply(grads, state.opt_state, state.params, lr)
-        new = state.replace(params=params, opt_state=opt_state)
-        if spec.track_importance:
-            at = params if spec.importance_at_updated_params else state.params
-            new = new.replace(imp_in=self._importance(state.imp_in, at, grads, spec))
-        ok = jnp.isfinite(loss) & _all_finite(grads)
-        new = _where_tree(ok, new, state).replace(step=state.step + 1)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr, "finite": ok, "tokens": tokens}
-        return new, metrics
+    def _step(self, state: TrainState, batch: Batch, outer: bool | jax.Array, outer_index: jax.Array | int,
+              frozen: Any, spec: CycleSpec) -> tuple[TrainState, dict]:
+        """One optimizer step on a [A, mb, L] batch: inner (current task) or, if `outer`, outer (memory).
 
-    def _outer_step(self, state: TrainState, batch: Batch, index: jax.Array, frozen: Any,
-                    spec: CycleSpec) -> tuple[TrainState, dict]:
-        counter = state.step * spec.outer_steps + index
-        key = self._key(state, OUTER_STREAM, counter)
-        loss, grads, tokens = self.accumulated_grads(state.params, frozen, batch, key)
-        if spec.separate_outer_optimizer:
-            params, outer_opt = self._apply(grads, state.outer_opt_state, state.params, jnp.float32(self.outer_lr))
-            new = state.replace(params=params, outer_opt_state=outer_opt)
+        `outer` may be a traced flag, so one scan body serves both kinds and the model's forward and
+        backward pass is compiled once per cycle (it dominates compile time).
+        """
+        stream = jnp.where(outer, OUTER_STREAM, INNER_STREAM)
+        counter = jnp.where(outer, state.step * spec.outer_steps + outer_index, state.step)
+        loss, grads, tokens = self.accumulated_grads(state.params, frozen, batch, self._key(state, stream, counter))
+        # Outer steps with the shared optimizer (reference quirk) use the inner AdamW state and the
+        # current learning rate without advancing the schedule, which counts inner steps only.
+        lr = linear_warmup_decay(state.step, state.total_steps, peak=self.lr, warmup=self.warmup_steps)
+        if spec.outer_steps and spec.separate_outer_optimizer:
+            def inner_update():
+                params, opt = self._apply(grads, state.opt_state, state.params, lr)
+                return params, opt, state.outer_opt_state
+
+            def outer_update():
+                params, opt = self._apply(grads, state.outer_opt_state, state.params, jnp.float32(self.outer_lr))
+                return params, state.opt_state, opt
+
+            params, opt_state, outer_opt_state = jax.lax.cond(outer, outer_update, inner_update)
+            lr = jnp.where(outer, jnp.float32(self.outer_lr), lr)
         else:
-            # Reference quirk: the inner AdamW state and its current learning rate, schedule not advanced.
-            lr = linear_warmup_decay(state.step, state.total_steps, peak=self.lr, warmup=self.warmup_steps)
             params, opt_state = self._apply(grads, state.opt_state, state.params, lr)
-            new = state.replace(params=params, opt_state=opt_state)
-        if spec.update_outer_importance:
-            at = params if spec.importance_at_updated_params else state.params
-            new = new.replace(imp_out=self._importance(state.imp_out, at, grads, spec))
+            outer_opt_state = state.outer_opt_state
+        new = state.replace(params=params, opt_state=opt_state, outer_opt_state=outer_opt_state)
+        at = params if spec.importance_at_updated_params else state.params
+        if spec.track_importance:
+            new = new.replace(imp_in=_where_tree(outer, state.imp_in, self._importance(state.imp_in, at, grads, spec)))
+        if spec.outer_steps and spec.update_outer_importance:
+            new = new.replace(imp_out=_where_tree(outer, self._importance(state.imp_out, at, grads, spec),
+                                                  state.imp_out))
         ok = jnp.isfinite(loss) & _all_finite(grads)
-        return _where_tree(ok, new, state), {"loss": loss, "finite": ok, "tokens": tokens}
+        new = _where_tree(ok, new, state).replace(step=state.step + jnp.where(outer, 0, 1).astype(jnp.int32))
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr, "finite": ok, "tokens": tokens}
+        return new, metrics
 
     def _masks(self, imp: Any, spec: CycleSpec) -> Any:
         scores = kif_jax.importance_scores(imp, kind=spec.score)
@@ -198,16 +204,30 @@ class Programs:
                    *, spec: CycleSpec) -> tuple[TrainState, dict]:
         """Q inner steps; for KIF also M outer steps and the fusion (or accumulation) of their task vectors."""
         theta_t = state.params
-        state, inner = jax.lax.scan(lambda s, b: self._inner_step(s, b, frozen, spec), state, inner_batches)
-        metrics: dict[str, jax.Array] = {f"inner_{k}": v for k, v in inner.items()}
+        q = spec.inner_steps
         if spec.outer_steps == 0:
-            return state, metrics
-        theta_k = state.params
-        state, outer = jax.lax.scan(
-            lambda s, xs: self._outer_step(s, xs[0], xs[1], frozen, spec),
-            state, (outer_batches, jnp.arange(spec.outer_steps)),
-        )
-        metrics.update({f"outer_{k}": v for k, v in outer.items()})
+            state, inner = jax.lax.scan(lambda s, b: self._step(s, b, False, 0, frozen, spec), state, inner_batches)
+            return state, {f"inner_{k}": v for k, v in inner.items()}
+        if all(a.shape[1:] == b.shape[1:] for a, b in zip(jax.tree.leaves(inner_batches), jax.tree.leaves(outer_batches))):
+            def body(carry, xs):
+                s, theta_k = carry
+                batch, i = xs
+                theta_k = _where_tree(i == q, s.params, theta_k)  # the parameters after the last inner step
+                s, m = self._step(s, batch, i >= q, i - q, frozen, spec)
+                return (s, theta_k), m
+
+            batches = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), inner_batches, outer_batches)
+            (state, theta_k), steps = jax.lax.scan(body, (state, state.params),
+                                                   (batches, jnp.arange(q + spec.outer_steps)))
+            inner = jax.tree.map(lambda x: x[:q], steps)
+            outer = jax.tree.map(lambda x: x[q:], steps)
+        else:  # inner and outer batches of different shapes: two scans
+            state, inner = jax.lax.scan(lambda s, b: self._step(s, b, False, 0, frozen, spec), state, inner_batches)
+            theta_k = state.params
+            state, outer = jax.lax.scan(lambda s, xs: self._step(s, xs[0], True, xs[1], frozen, spec),
+                                        state, (outer_batches, jnp.arange(spec.outer_steps)))
+        metrics: dict[str, jax.Array] = {f"inner_{k}": v for k, v in inner.items()}
+        metrics.update({f"outer_{k}": outer[k] for k in ("loss", "finite", "tokens")})
         tau_in = kif_jax.task_vector(theta_k, theta_t)
         tau_out = kif_jax.task_vector(state.params, theta_k)
         if spec.accumulate:

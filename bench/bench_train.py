@@ -1,0 +1,104 @@
+"""Training and evaluation speed of a t5-small-sized model (random weights, LoRA on q and v).
+
+Usage: python bench/bench_train.py [--cycles 3] [--batch 8] [--input-len 128] [--target-len 8]
+Prints: tokens/s of the inner and outer steps, the time of one fusion, the wall-time ratio of a
+Recurrent-KIF cycle (Q=8 inner + M=4 outer + fusion) to 8 SeqLoRA steps (floor 1.5 with equal
+batches), and test examples/s of batched greedy decoding. Everything is timed after compilation.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import kif_jax
+from kif_jax import models
+from kif_jax.train.methods import CycleSpec
+from kif_jax.train.steps import Programs, init_state, make_task_key
+
+Q, M = 8, 4
+
+
+def random_batches(rng: np.random.Generator, n: int, batch: int, input_len: int, target_len: int,
+                   vocab: int) -> dict:
+    """[n, 1, batch, length] int32 batches of random tokens (one micro-batch per step)."""
+    ids = rng.integers(3, vocab, size=(n, 1, batch, input_len)).astype(np.int32)
+    labels = rng.integers(3, vocab, size=(n, 1, batch, target_len)).astype(np.int32)
+    dec = np.concatenate([np.zeros_like(labels[..., :1]), labels[..., :-1]], axis=-1)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "decoder_input_ids": dec, "labels": labels}
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of `fn()` (which must block), after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cycles", type=int, default=3, help="timed repeats of each program")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--target-len", type=int, default=8)
+    parser.add_argument("--eval-batch", type=int, default=32)
+    args = parser.parse_args()
+
+    config = models.preset("t5-small")
+    model = models.T5(config, lora=models.LoRAConfig(rank=8, alpha=32.0, dropout=0.05), rngs=nnx.Rngs(0))
+    graphdef, lora, frozen = nnx.split(model, models.LoRAParam, ...)
+    n_lora = sum(x.size for x in jax.tree.leaves(lora))
+    programs = Programs(graphdef, lr=3e-4, warmup_steps=50, max_grad_norm=1.0, weight_decay=0.0, outer_lr=1e-3,
+                        donate=False)
+    rng = np.random.default_rng(0)
+    inner = random_batches(rng, Q, args.batch, args.input_len, args.target_len, config.vocab_size)
+    outer = random_batches(rng, M, args.batch, args.input_len, args.target_len, config.vocab_size)
+    tokens_per_step = args.batch * (args.input_len + args.target_len)
+
+    def state(importance: bool):
+        return init_state(lora, programs.tx, key=make_task_key(0, 1, "rbg"), total_steps=1000,
+                          importance=importance, separate_outer=False, merge_accumulators=False, select_best=False)
+
+    seq_spec = CycleSpec(inner_steps=Q)
+    kif_spec = CycleSpec(inner_steps=Q, outer_steps=M, fuse=True, track_importance=True)
+    seq_state, kif_state = state(False), state(True)
+    seq_s = timed(lambda: jax.block_until_ready(programs.run_cycle(seq_state, frozen, inner, None, spec=seq_spec)),
+                  args.cycles)
+    kif_s = timed(lambda: jax.block_until_ready(programs.run_cycle(kif_state, frozen, inner, outer, spec=kif_spec)),
+                  args.cycles)
+
+    one_outer = jax.jit(lambda s, b: programs._step(s, b, True, jnp.int32(0), frozen, kif_spec))
+    first_outer = jax.tree.map(lambda x: x[0], outer)
+    outer_s = timed(lambda: jax.block_until_ready(one_outer(kif_state, first_outer)), args.cycles)
+
+    scores = [kif_jax.importance_scores(kif_jax.update_importance(kif_jax.init_importance(lora), lora, lora))] * 2
+    fuse = jax.jit(lambda p, a, b, s1, s2: kif_jax.fuse(p, a, b, s1, s2))
+    fuse_s = timed(lambda: jax.block_until_ready(fuse(lora, lora, lora, *scores)), args.cycles)
+
+    decode = jax.jit(lambda l, f, ids, mask: models.greedy_decode(nnx.merge(graphdef, l, f), ids, mask,
+                                                                   max_new_tokens=args.target_len))
+    ids = rng.integers(3, config.vocab_size, size=(args.eval_batch, args.input_len)).astype(np.int32)
+    decode_s = timed(lambda: jax.block_until_ready(decode(lora, frozen, ids, np.ones_like(ids))), args.cycles)
+
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; t5-small, LoRA values: {n_lora:,}; "
+          f"batch {args.batch} x ({args.input_len} + {args.target_len}) tokens")
+    print(f"inner step (SeqLoRA cycle / {Q}): {seq_s / Q * 1e3:8.1f} ms  {Q * tokens_per_step / seq_s:10,.0f} tokens/s")
+    print(f"outer step (alone):            {outer_s * 1e3:8.1f} ms  {tokens_per_step / outer_s:10,.0f} tokens/s")
+    print(f"fusion (exact, global):        {fuse_s * 1e3:8.2f} ms")
+    print(f"Recurrent-KIF cycle / SeqLoRA {Q} steps: {kif_s:.2f} s / {seq_s:.2f} s = {kif_s / seq_s:.3f} "
+          f"(floor {(Q + M) / Q:.2f})")
+    print(f"greedy decoding: {args.eval_batch / decode_s:,.1f} examples/s "
+          f"(batch {args.eval_batch}, {args.target_len} new tokens)")
+
+
+if __name__ == "__main__":
+    main()
