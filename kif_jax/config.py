@@ -90,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.kif.order = "first"  # importance: "first" |p*g|, "second" |p*g|^2, "mix"
     c.kif.score = "sens_x_unc"  # "sens_x_unc" (reference: S*U) or "sens" (paper: S)
     c.kif.scope = "global"  # threshold over "global" (reference), "per_tensor" or "per_factor"
-    c.kif.method = "exact"  # threshold: "exact" quantile or "bisect" (counting, for huge sharded sets)
+    c.kif.method = "exact"  # threshold: "exact" quantile (sort), or "bisect" (counting, same value, no gather)
     c.kif.scheme = "reference"  # fusion weights: "reference", "binary" (paper) or "no_share"
     c.kif.importance_params = "updated"  # p in |p*g|: "updated" (reference: after the step) or "current"
     c.kif.reset_inner = True  # clear inner importance after every fusion (reference)

@@ -322,6 +322,8 @@ class MethodRun:
             self._log_cycle(writer, bar, out, phase, step, q, elapsed)
             if dev is not None and step // c.train.select_every_steps > (step - q) // c.train.select_every_steps:
                 loss = programs.dev_loss(state.params, frozen, dev)
+                writer.write({"event": "dev_loss", "method": method.name, "phase": phase, "step": step,
+                              "dev_loss": float(loss)})
                 better = loss < state.best_loss
                 state = state.replace(best_loss=jnp.where(better, loss, state.best_loss),
                                       best_params=jax.tree.map(lambda a, b: jnp.where(better, a, b),
