@@ -26,7 +26,8 @@ from kif_jax import metrics
 from kif_jax.checkpointing import RunCheckpointer, config_fingerprint
 from kif_jax.config import SYNTHETIC_DATA, split_list, validate_config
 from kif_jax.data import synthetic
-from kif_jax.data.batching import BatchIterator, TokenizedDataset, collate, pad_batch, sample_batch, tokenize_records
+from kif_jax.data.batching import (IGNORE_INDEX, BatchIterator, TokenizedDataset, collate, pad_batch, sample_batch,
+                                   tokenize_records)
 from kif_jax.errors import ConfigError, NonFiniteError
 from kif_jax.evaluation import Evaluator
 from kif_jax.reporting import MetricsWriter, save_heatmap, write_json
@@ -311,6 +312,7 @@ class MethodRun:
                 rng = np.random.default_rng([c.seed, phase, step])
                 outer = [sample_batch(memory, c.kif.outer_batch_size, rng) for _ in range(spec.outer_steps)]
             shape = self._common_shape(inner + outer)
+            tokens = sum(int(b["attention_mask"].sum() + (b["labels"] != IGNORE_INDEX).sum()) for b in inner + outer)
             t0 = time.perf_counter()
             state, out = programs.run_cycle(state, frozen, self.stack(inner, *shape),
                                             self.stack(outer, *shape) if outer else None, spec=spec)
@@ -319,7 +321,7 @@ class MethodRun:
             self.timing["train_s"] += elapsed
             self._check_finite(out, phase, step)
             step += q
-            self._log_cycle(writer, bar, out, phase, step, q, elapsed)
+            self._log_cycle(writer, bar, out, phase, step, q, tokens, elapsed)
             if dev is not None and step // c.train.select_every_steps > (step - q) // c.train.select_every_steps:
                 loss = programs.dev_loss(state.params, frozen, dev)
                 writer.write({"event": "dev_loss", "method": method.name, "phase": phase, "step": step,
@@ -335,7 +337,7 @@ class MethodRun:
         bar.close()
         if kif and method.merge_at_task_end:
             spec = cycle_spec(method, c.kif, inner_steps=q_full, with_outer=True, fuse=True)
-            state, stats = programs.merge_task(state, spec=dataclasses.replace(spec, fuse=True))
+            state, stats = programs.merge_task(state, spec=spec)
             writer.write({"event": "global_merge", "method": method.name, "phase": phase, **jax.device_get(stats)})
         if c.train.select_best:
             state = state.replace(params=state.best_params)
@@ -354,24 +356,25 @@ class MethodRun:
         return shard_rows(stacked, self.ctx.mesh, row_axis=1)
 
     def _check_finite(self, out: dict, phase: int, step: int) -> None:
-        finite = np.asarray(out["inner_finite"]).tolist() + np.asarray(out.get("outer_finite", [])).tolist()
-        if all(finite):
+        inner_ok = np.asarray(out["inner_finite"])
+        outer_ok = np.asarray(out.get("outer_finite", [True]))
+        if inner_ok.all() and outer_ok.all():
             return
-        bad = step + next(i for i, ok in enumerate(out["inner_finite"]) if not ok) if not all(out["inner_finite"]) else step
-        where = f"method {self.method.name}, task {','.join(self.phases[phase])} (#{phase + 1}), step {bad + 1}"
+        # 1-based step of the first bad inner step; a bad outer step belongs to the cycle's last step.
+        bad = step + (int(np.argmin(inner_ok)) if not inner_ok.all() else len(inner_ok) - 1) + 1
+        where = f"method {self.method.name}, task {','.join(self.phases[phase])} (#{phase + 1}), step {bad}"
         if self.config.train.on_nonfinite == "stop":
             raise NonFiniteError(f"non-finite loss or gradient in {where}; the last checkpoint is kept")
         logging.warning("skipped a non-finite step in %s", where)
 
     def _log_cycle(self, writer: MetricsWriter, bar: tqdm, out: dict, phase: int, step: int, q: int,
-                   elapsed: float) -> None:
-        tokens = int(np.sum(out["inner_tokens"])) + int(np.sum(out.get("outer_tokens", 0)))
+                   tokens: int, elapsed: float) -> None:
         loss = float(np.mean(out["inner_loss"]))
         bar.update(q)
         bar.set_postfix(loss=f"{loss:.3f}", steps_s=f"{q / elapsed:.1f}")
         record = {"method": self.method.name, "phase": phase, "task": ",".join(self.phases[phase]), "step": step,
                   "loss": loss, "lr": float(out["inner_lr"][-1]), "grad_norm": float(np.mean(out["inner_grad_norm"])),
-                  "steps_per_s": q / elapsed, "target_tokens_per_s": tokens / elapsed,
+                  "steps_per_s": q / elapsed, "tokens_per_s": tokens / elapsed,  # input + target tokens
                   "skipped_steps": int(q - np.sum(out["inner_finite"]))}
         if "outer_loss" in out:
             record["outer_loss"] = float(np.mean(out["outer_loss"]))

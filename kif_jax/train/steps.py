@@ -111,21 +111,20 @@ class Programs:
         count = jnp.sum(mask)
         return jnp.sum(nll * mask) / jnp.maximum(count, 1), count
 
-    def accumulated_grads(self, params: Any, frozen: Any, batch: Batch, key: jax.Array) -> tuple[jax.Array, Any, jax.Array]:
+    def accumulated_grads(self, params: Any, frozen: Any, batch: Batch, key: jax.Array) -> tuple[jax.Array, Any]:
         """Loss and gradient averaged over the A micro-batches of a [A, mb, L] batch (HF Trainer's accumulation)."""
-        grad_fn = jax.value_and_grad(self.token_loss, has_aux=True)
+        grad_fn = jax.value_and_grad(lambda p, micro, k: self.token_loss(p, frozen, micro, k)[0])
 
         def body(carry, xs):
-            loss_sum, grad_sum, tokens = carry
+            loss_sum, grad_sum = carry
             micro, index = xs
-            (loss, count), grads = grad_fn(params, frozen, micro, jax.random.fold_in(key, index))
-            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads), tokens + count), None
+            loss, grads = grad_fn(params, micro, jax.random.fold_in(key, index))
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
         n_micro = batch["input_ids"].shape[0]
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        init = (jnp.zeros((), jnp.float32), zeros, jnp.zeros((), jnp.int32))
-        (loss_sum, grad_sum, tokens), _ = jax.lax.scan(body, init, (batch, jnp.arange(n_micro)))
-        return loss_sum / n_micro, jax.tree.map(lambda g: g / n_micro, grad_sum), tokens
+        init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss_sum, grad_sum), _ = jax.lax.scan(body, init, (batch, jnp.arange(n_micro)))
+        return loss_sum / n_micro, jax.tree.map(lambda g: g / n_micro, grad_sum)
 
     # --- steps --------------------------------------------------------------------------------
     def _key(self, state: TrainState, stream: int, counter: jax.Array) -> jax.Array:
@@ -149,7 +148,7 @@ class Programs:
         """
         stream = jnp.where(outer, OUTER_STREAM, INNER_STREAM)
         counter = jnp.where(outer, state.step * spec.outer_steps + outer_index, state.step)
-        loss, grads, tokens = self.accumulated_grads(state.params, frozen, batch, self._key(state, stream, counter))
+        loss, grads = self.accumulated_grads(state.params, frozen, batch, self._key(state, stream, counter))
         # Outer steps with the shared optimizer (reference quirk) use the inner AdamW state and the
         # current learning rate without advancing the schedule, which counts inner steps only.
         lr = linear_warmup_decay(state.step, state.total_steps, peak=self.lr, warmup=self.warmup_steps)
@@ -176,7 +175,7 @@ class Programs:
                                                   state.imp_out))
         ok = jnp.isfinite(loss) & _all_finite(grads)
         new = _where_tree(ok, new, state).replace(step=state.step + jnp.where(outer, 0, 1).astype(jnp.int32))
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr, "finite": ok, "tokens": tokens}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr, "finite": ok}
         return new, metrics
 
     def _masks(self, imp: Any, spec: CycleSpec) -> Any:
@@ -227,7 +226,7 @@ class Programs:
             state, outer = jax.lax.scan(lambda s, xs: self._step(s, xs[0], True, xs[1], frozen, spec),
                                         state, (outer_batches, jnp.arange(spec.outer_steps)))
         metrics: dict[str, jax.Array] = {f"inner_{k}": v for k, v in inner.items()}
-        metrics.update({f"outer_{k}": outer[k] for k in ("loss", "finite", "tokens")})
+        metrics.update({f"outer_{k}": outer[k] for k in ("loss", "finite")})
         tau_in = kif_jax.task_vector(theta_k, theta_t)
         tau_out = kif_jax.task_vector(state.params, theta_k)
         if spec.accumulate:
@@ -255,7 +254,7 @@ class Programs:
         def body(imp, xs):
             batch, index = xs
             key = self._key(state, STATIC_STREAM, index)
-            loss, grads, _ = self.accumulated_grads(state.params, frozen, batch, key)
+            loss, grads = self.accumulated_grads(state.params, frozen, batch, key)
             ok = jnp.isfinite(loss) & _all_finite(grads)
             return _where_tree(ok, self._importance(imp, state.params, grads, spec), imp), None
 
