@@ -18,7 +18,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     try:
         results = train_and_evaluate(config, workdir)
     except KifError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, whatever the cause says
         return 2
     for result in results.values():
         print(metrics.accuracy_table(result["accuracy_matrix"], result["tasks"], method=result["method"]))

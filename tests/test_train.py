@@ -213,3 +213,15 @@ def test_non_default_switches_run(tmp_path):
     dev = [r for r in records if r.get("event") == "dev_loss"]
     assert [(r["phase"], r["step"]) for r in dev] == [(0, 2), (0, 4), (1, 2), (1, 4)]
     assert all(np.isfinite(r["dev_loss"]) for r in dev)
+
+
+def test_trains_lora_on_a_hugging_face_checkpoint_in_bf16(tmp_path):
+    """The users' path: from_pretrained on an HF-format directory, bf16 backbone, float32 LoRA factors."""
+    config = tiny_config.get_config()
+    config.model.name = str(pathlib.Path(__file__).parent / "fixtures" / "t5_v1_1")
+    config.model.dtype = "bfloat16"
+    result = train_and_evaluate(config, tmp_path)["recurrent_kif"]
+    assert np.isfinite(matrix(result)[1]).all()
+    records = [r for r in read_metrics(tmp_path / "recurrent_kif" / "metrics.jsonl") if "loss" in r]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    assert all(0.0 < r["mask_in_frac"] <= 0.201 for r in records if r["phase"] == 1)
