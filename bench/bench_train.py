@@ -34,7 +34,11 @@ def random_batches(rng: np.random.Generator, n: int, batch: int, input_len: int,
 
 
 def timed(fn, repeats: int) -> float:
-    """Median seconds of `fn()` (which must block), after one warm-up call."""
+    """Median seconds of `fn()` (which must block), after one warm-up call (none if repeats is 0)."""
+    if repeats == 0:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
     fn()
     times = []
     for _ in range(repeats):
@@ -44,9 +48,20 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def paired(base, other, repeats: int) -> tuple[float, float, float]:
+    """Alternate the two programs so machine drift hits both; medians of each and of the per-pair ratio."""
+    base(), other()
+    times_a, times_b, ratios = [], [], []
+    for _ in range(repeats):
+        a = timed(base, 0)
+        b = timed(other, 0)
+        times_a.append(a), times_b.append(b), ratios.append(b / a)
+    return statistics.median(times_a), statistics.median(times_b), statistics.median(ratios)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cycles", type=int, default=3, help="timed repeats of each program")
+    parser.add_argument("--cycles", type=int, default=5, help="timed repeats (pairs for the KIF/SeqLoRA ratio)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--target-len", type=int, default=8)
@@ -71,10 +86,9 @@ def main() -> None:
     seq_spec = CycleSpec(inner_steps=Q)
     kif_spec = CycleSpec(inner_steps=Q, outer_steps=M, fuse=True, track_importance=True)
     seq_state, kif_state = state(False), state(True)
-    seq_s = timed(lambda: jax.block_until_ready(programs.run_cycle(seq_state, frozen, inner, None, spec=seq_spec)),
-                  args.cycles)
-    kif_s = timed(lambda: jax.block_until_ready(programs.run_cycle(kif_state, frozen, inner, outer, spec=kif_spec)),
-                  args.cycles)
+    run_seq = lambda: jax.block_until_ready(programs.run_cycle(seq_state, frozen, inner, None, spec=seq_spec))
+    run_kif = lambda: jax.block_until_ready(programs.run_cycle(kif_state, frozen, inner, outer, spec=kif_spec))
+    seq_s, kif_s, ratio = paired(run_seq, run_kif, args.cycles)
 
     one_outer = jax.jit(lambda s, b: programs._step(s, b, True, jnp.int32(0), frozen, kif_spec))
     first_outer = jax.tree.map(lambda x: x[0], outer)
@@ -94,8 +108,8 @@ def main() -> None:
     print(f"inner step (SeqLoRA cycle / {Q}): {seq_s / Q * 1e3:8.1f} ms  {Q * tokens_per_step / seq_s:10,.0f} tokens/s")
     print(f"outer step (alone):            {outer_s * 1e3:8.1f} ms  {tokens_per_step / outer_s:10,.0f} tokens/s")
     print(f"fusion (exact, global):        {fuse_s * 1e3:8.2f} ms")
-    print(f"Recurrent-KIF cycle / SeqLoRA {Q} steps: {kif_s:.2f} s / {seq_s:.2f} s = {kif_s / seq_s:.3f} "
-          f"(floor {(Q + M) / Q:.2f})")
+    print(f"Recurrent-KIF cycle / SeqLoRA {Q} steps: {kif_s:.2f} s / {seq_s:.2f} s; median paired ratio "
+          f"{ratio:.3f} over {args.cycles} pairs (floor {(Q + M) / Q:.2f})")
     print(f"greedy decoding: {args.eval_batch / decode_s:,.1f} examples/s "
           f"(batch {args.eval_batch}, {args.target_len} new tokens)")
 
