@@ -32,7 +32,7 @@ from kif_jax.errors import ConfigError, NonFiniteError
 from kif_jax.evaluation import Evaluator
 from kif_jax.reporting import MetricsWriter, save_heatmap, write_json
 from kif_jax.sharding import data_mesh, replicate, shard_rows
-from kif_jax.train.methods import CycleSpec, MethodSpec, cycle_spec, method_spec
+from kif_jax.train.methods import MethodSpec, cycle_spec, method_spec
 from kif_jax.train.steps import Programs, TrainState, init_state, make_task_key
 
 STATIC_IMPORTANCE_STREAM = 2**31 - 1  # numpy seed word for the -DIE estimate's memory batches
