@@ -6,7 +6,7 @@
 import pathlib
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _HERE = pathlib.Path(__file__).resolve().parent
@@ -48,6 +48,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from kif_jax.cli import run
 
+    if not flags.FLAGS["verbosity"].present:
+        # Orbax logs every checkpoint save at length at INFO; --verbosity=0 shows it and the per-task logs.
+        logging.set_verbosity(logging.WARNING)
     config_name = pathlib.Path(flags.FLAGS["config"].config_filename).stem
     sys.exit(run(load_config(), _WORKDIR.value or f"runs/{config_name}"))
 

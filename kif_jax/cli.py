@@ -4,7 +4,6 @@ from __future__ import annotations
 import sys
 
 import ml_collections
-from absl import logging
 
 from kif_jax.errors import KifError
 
@@ -14,7 +13,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     from kif_jax import metrics
     from kif_jax.train import train_and_evaluate
 
-    logging.set_verbosity(logging.WARNING)
     try:
         results = train_and_evaluate(config, workdir)
     except KifError as err:

@@ -19,11 +19,10 @@ class Evaluator:
     """Greedy-decodes whole test sets in fixed-shape batches (one compile per length bucket)."""
 
     def __init__(self, graphdef: nnx.GraphDef, tokenizer: Tokenizer, *, batch_size: int, max_new_tokens: int,
-                 mesh: Mesh, collate_kwargs: dict | None = None) -> None:
+                 mesh: Mesh) -> None:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.mesh = mesh
-        self.collate_kwargs = collate_kwargs or {}
 
         def decode(params: Any, frozen: Any, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
             model = nnx.merge(graphdef, params, frozen)
@@ -34,7 +33,7 @@ class Evaluator:
     def predictions(self, params: Any, frozen: Any, dataset: TokenizedDataset) -> list[str]:
         """The decoded label text of every example of `dataset`, in order."""
         out: list[str] = []
-        for batch, n_real in eval_batches(dataset, self.batch_size, **self.collate_kwargs):
+        for batch, n_real in eval_batches(dataset, self.batch_size):
             ids = shard_rows({k: batch[k] for k in ("input_ids", "attention_mask")}, self.mesh, row_axis=0)
             tokens = np.asarray(self._decode(params, frozen, ids["input_ids"], ids["attention_mask"]))
             out.extend(self.tokenizer.decode_batch(tokens[:n_real].tolist()))

@@ -75,22 +75,22 @@ _HF_TO_MODEL = tuple((_compile(hf), model, fn) for hf, model, fn in _TABLE)
 _MODEL_TO_HF = tuple((_compile(model), hf, fn) for hf, model, fn in _TABLE)
 
 
-def hf_to_model_path(name: str) -> tuple[str, Callable | None] | None:
-    """The model path of a Hugging Face tensor name and its transform; None if unknown."""
-    for pattern, template, fn in _HF_TO_MODEL:
+def _lookup(table: tuple, name: str) -> tuple[str, Callable | None] | None:
+    for pattern, template, fn in table:
         m = pattern.fullmatch(name)
         if m:
             return template.format(**m.groupdict()), fn
     return None
 
 
+def hf_to_model_path(name: str) -> tuple[str, Callable | None] | None:
+    """The model path of a Hugging Face tensor name and its transform; None if unknown."""
+    return _lookup(_HF_TO_MODEL, name)
+
+
 def model_to_hf_name(path: str) -> tuple[str, Callable | None] | None:
     """The Hugging Face name of a dotted model path and its (inverse) transform."""
-    for pattern, template, fn in _MODEL_TO_HF:
-        m = pattern.fullmatch(path)
-        if m:
-            return template.format(**m.groupdict()), fn
-    return None
+    return _lookup(_MODEL_TO_HF, path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -290,7 +290,7 @@ class MethodRun:
             if kif and not method.dynamic_outer_importance:
                 rng = np.random.default_rng([c.seed, phase, STATIC_IMPORTANCE_STREAM])
                 draws = [sample_batch(memory, c.kif.outer_batch_size, rng) for _ in range(c.kif.static_batches)]
-                spec = cycle_spec(method, c.kif, inner_steps=0, with_outer=True, fuse=False)
+                spec = cycle_spec(method, c.kif, inner_steps=0, with_outer=True)
                 shape = self._common_shape(draws)
                 state = programs.estimate_outer_importance(state, frozen, self.stack(draws, *shape), spec=spec)
         dev = self._dev_batches(phase) if c.train.select_best else None
@@ -305,7 +305,7 @@ class MethodRun:
         while step < total:
             q = min(q_full, total - step)
             with_outer = kif and (q == q_full or c.kif.fuse_partial_cycle)
-            spec = cycle_spec(method, c.kif, inner_steps=q, with_outer=with_outer, fuse=with_outer)
+            spec = cycle_spec(method, c.kif, inner_steps=q, with_outer=with_outer)
             inner = [iterator.next() for _ in range(q)]
             outer: list[dict] = []
             if with_outer:
@@ -336,7 +336,7 @@ class MethodRun:
                 last_saved = step
         bar.close()
         if kif and method.merge_at_task_end:
-            spec = cycle_spec(method, c.kif, inner_steps=q_full, with_outer=True, fuse=True)
+            spec = cycle_spec(method, c.kif, inner_steps=q_full, with_outer=True)
             state, stats = programs.merge_task(state, spec=spec)
             writer.write({"event": "global_merge", "method": method.name, "phase": phase, **jax.device_get(stats)})
         if c.train.select_best:

@@ -75,12 +75,12 @@ class CycleSpec:
 
 
 def cycle_spec(method: MethodSpec, kif: ml_collections.ConfigDict, *, inner_steps: int,
-               with_outer: bool, fuse: bool) -> CycleSpec:
-    """The program of one cycle of `method` with the config's KIF switches."""
+               with_outer: bool) -> CycleSpec:
+    """The program of one cycle of `method` with the config's KIF switches; outer steps imply a fusion."""
     return CycleSpec(
         inner_steps=inner_steps,
         outer_steps=kif.outer_steps if with_outer else 0,
-        fuse=fuse and not method.merge_at_task_end,
+        fuse=with_outer and not method.merge_at_task_end,
         track_importance=with_outer,
         update_outer_importance=method.dynamic_outer_importance,
         identify=method.identify,
