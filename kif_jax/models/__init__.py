@@ -6,12 +6,12 @@ from kif_jax.models.t5 import (
     LoRAParam,
     T5,
     T5Config,
-    from_pretrained,
     lora_modules,
     merge_lora,
     preset,
     shift_right,
 )
+from kif_jax.models.loading import from_pretrained
 from kif_jax.models.t5_hf import save_pretrained, to_hf_state_dict
 from kif_jax.models.tokenizers import ByteTokenizer, Tokenizer, load_tokenizer
 

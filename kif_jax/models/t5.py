@@ -19,10 +19,23 @@ import numpy as np
 from flax import nnx
 
 from kif_jax.errors import ConfigError
-
-# Added to the scores of masked keys: large enough that exp() underflows to exactly 0 in
-# float32, finite so that a row with every key masked gives a uniform row instead of NaN.
-_MASKED = -1e9
+from kif_jax.models.layers import (  # noqa: F401 - LoRAConfig, LoRAParam, Dense, Embed, RMSNorm re-exported
+    MASKED as _MASKED,
+    Dense,
+    Embed,
+    KeyStream as _Keys,
+    LoRAConfig,
+    LoRAParam,
+    RMSNorm,
+    RngsLike,
+    dropout as _dropout,
+    dropout_keys as _dropout_keys,
+    check_lora_targets,
+    lora_modules,
+    mask_bias as _mask_bias,
+    merged_kernels,
+    path_tuple as _path_tuple,
+)
 
 _ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -140,50 +153,6 @@ class T5Config:
         return out
 
 
-@dataclasses.dataclass(frozen=True)
-class LoRAConfig:
-    """LoRA adapters: delta(x) = dropout(x) @ A @ B * (alpha / rank), B = 0 at init.
-
-    `targets` name projections: a bare name (`q`, `k`, `v`, `o`, `wi`, `wi_0`, `wi_1`, `wo`,
-    `lm_head`) matches it everywhere; anything else is a regex matched in full against the dotted
-    path, e.g. `decoder\\.blocks\\.\\d+\\.cross_attention\\.q`.
-    """
-
-    rank: int = 8
-    alpha: float = 32.0
-    dropout: float = 0.05
-    targets: tuple[str, ...] = ("q", "v")
-
-    def __post_init__(self) -> None:
-        if isinstance(self.targets, str):
-            object.__setattr__(self, "targets", (self.targets,))
-        object.__setattr__(self, "targets", tuple(self.targets))
-        if not isinstance(self.rank, (int, np.integer)) or isinstance(self.rank, bool) or self.rank < 1:
-            raise ConfigError(f"LoRAConfig.rank must be a positive integer, got {self.rank!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ConfigError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.targets:
-            raise ConfigError("LoRAConfig.targets is empty")
-        for t in self.targets:
-            try:
-                re.compile(t)
-            except re.error as e:
-                raise ConfigError(f"LoRAConfig.targets: {t!r} is not a valid regex ({e})") from None
-
-    @property
-    def scale(self) -> float:
-        return float(self.alpha) / self.rank
-
-    def matches(self, path: str) -> bool:
-        """Whether the projection at dotted `path` gets an adapter."""
-        leaf = path.rsplit(".", 1)[-1]
-        return any(t == leaf or re.fullmatch(t, path) for t in self.targets)
-
-
-class LoRAParam(nnx.Param):
-    """The trainable LoRA factors; list it first in `nnx.split` (it subclasses `Param`)."""
-
-
 # --------------------------------------------------------------------------------------------
 # Presets
 # --------------------------------------------------------------------------------------------
@@ -222,51 +191,6 @@ def preset(name: str) -> T5Config:
 # --------------------------------------------------------------------------------------------
 
 
-class _Keys:
-    """A stream of keys: one key drawn from `nnx.Rngs`, then fold_in of a Python counter.
-
-    Drawing every key from `nnx.Rngs` under a trace costs time quadratic in the number of draws
-    (each draw updates its counter variable; about 7 s for T5-large's `eval_shape`, more for a
-    training step's dropout sites); folding in a counter is linear. Used only during one call.
-    """
-
-    def __init__(self, key: jax.Array) -> None:
-        self.key = key
-        self.count = 0
-
-    def __call__(self) -> jax.Array:
-        self.count += 1
-        return jax.random.fold_in(self.key, self.count)
-
-    dropout = __call__  # so `_dropout` takes either this or an `nnx.Rngs`
-
-
-def _dropout_keys(deterministic: bool, rngs: nnx.Rngs | _Keys | None) -> _Keys | None:
-    """One draw from the caller's `rngs` per model call (none when nothing is random)."""
-    if deterministic or rngs is None or isinstance(rngs, _Keys):
-        return rngs
-    return _Keys(rngs.dropout())
-
-
-#: What the building blocks accept as `rngs`: the model's public methods turn an `nnx.Rngs` into `_Keys`.
-RngsLike = nnx.Rngs | _Keys | None
-
-
-def _dropout(x: jax.Array, rate: float, deterministic: bool, rngs: RngsLike) -> jax.Array:
-    """Inverted dropout whose key comes from the call's `rngs` (stream `dropout`)."""
-    if deterministic or rate == 0.0:
-        return x
-    if rngs is None:
-        raise ValueError("dropout needs rngs=nnx.Rngs(dropout=key) when deterministic=False")
-    keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
-    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
-
-
-def _mask_bias(mask: jax.Array) -> jax.Array:
-    """Boolean/0-1 mask -> additive float32 bias (0 where kept, `_MASKED` where masked)."""
-    return jnp.where(mask.astype(bool), 0.0, _MASKED).astype(jnp.float32)
-
-
 @functools.lru_cache(maxsize=64)
 def relative_position_buckets(query_length: int, key_length: int, *, bidirectional: bool,
                               num_buckets: int, max_distance: int, offset: int = 0) -> np.ndarray:
@@ -293,59 +217,6 @@ def relative_position_buckets(query_length: int, key_length: int, *, bidirection
     large = max_exact + np.where(is_small, 0, scaled).astype(np.int64)
     large = np.minimum(large, num_buckets - 1)
     return (buckets + np.where(is_small, rel, large)).astype(np.int32)
-
-
-class Dense(nnx.Module):
-    """Bias-free projection x @ kernel ([in, out]); with LoRA, + dropout(x) @ lora_a @ lora_b * scale."""
-
-    def __init__(self, in_features: int, out_features: int, *, std: float, path: str,
-                 lora: LoRAConfig | None, dtype: Any, param_dtype: Any, keys: _Keys) -> None:
-        self.path = path
-        self.dtype = dtype
-        self.kernel = nnx.Param(std * jax.random.normal(keys(), (in_features, out_features), param_dtype))
-        self.has_lora = lora is not None and lora.matches(path)
-        if self.has_lora:
-            # As peft: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.
-            # Adapters stay float32 whatever the base dtype, so their updates are not rounded away.
-            bound = 1.0 / math.sqrt(in_features)
-            self.lora_a = LoRAParam(jax.random.uniform(keys(), (in_features, lora.rank), jnp.float32,
-                                                       -bound, bound))
-            self.lora_b = LoRAParam(jnp.zeros((lora.rank, out_features), jnp.float32))
-            self.lora_scale = lora.scale
-            self.lora_dropout = float(lora.dropout)
-
-    def __call__(self, x: jax.Array, *, deterministic: bool = True, rngs: RngsLike = None) -> jax.Array:
-        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
-        if self.has_lora:
-            h = _dropout(x, self.lora_dropout, deterministic, rngs)
-            h = jnp.dot(jnp.dot(h, self.lora_a[...].astype(self.dtype)), self.lora_b[...].astype(self.dtype))
-            y = y + h * jnp.asarray(self.lora_scale, self.dtype)
-        return y
-
-
-class Embed(nnx.Module):
-    """A lookup table [num, features]; the shared one is also the v1.0 output head."""
-
-    def __init__(self, num: int, features: int, *, std: float, dtype: Any, param_dtype: Any, keys: _Keys) -> None:
-        self.dtype = dtype
-        self.embedding = nnx.Param(std * jax.random.normal(keys(), (num, features), param_dtype))
-
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
-
-
-class RMSNorm(nnx.Module):
-    """T5's layer norm: scale only, no mean subtraction, statistics in float32."""
-
-    def __init__(self, features: int, *, eps: float, dtype: Any, param_dtype: Any) -> None:
-        self.eps = float(eps)
-        self.dtype = dtype
-        self.scale = nnx.Param(jnp.ones((features,), param_dtype))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
-        return y.astype(self.dtype) * self.scale[...].astype(self.dtype)
 
 
 class Attention(nnx.Module):
@@ -535,12 +406,7 @@ class T5(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = Dense(config.d_model, config.vocab_size, std=config.initializer_factor, path="lm_head",
                                  **common)
-        if lora is not None:
-            paths = [m.path for _, m in nnx.iter_graph(self) if isinstance(m, Dense)]
-            for t in lora.targets:
-                if not any(LoRAConfig(targets=(t,)).matches(p) for p in paths):
-                    raise ConfigError(f"LoRAConfig.targets: {t!r} matches no projection of this T5 "
-                                      f"(e.g. {paths[0]!r})")
+        check_lora_targets(self, lora, "T5")
 
     def encode(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -623,23 +489,6 @@ def shift_right(labels: jax.Array, decoder_start_token_id: int = 0, pad_token_id
 # --------------------------------------------------------------------------------------------
 
 
-def lora_modules(model: T5) -> list[str]:
-    """Dotted paths of every projection that carries an adapter."""
-    return [m.path for _, m in nnx.iter_graph(model) if isinstance(m, Dense) and m.has_lora]
-
-
-def merged_kernels(model: T5) -> dict[str, jax.Array]:
-    """path -> W + scale * A @ B (in W's dtype, summed in float32) for every adapted projection."""
-    out = {}
-    for _, m in nnx.iter_graph(model):
-        if isinstance(m, Dense) and m.has_lora:
-            w = m.kernel[...]
-            delta = jnp.dot(m.lora_a[...].astype(jnp.float32), m.lora_b[...].astype(jnp.float32),
-                            precision=jax.lax.Precision.HIGHEST) * m.lora_scale
-            out[m.path] = (w.astype(jnp.float32) + delta).astype(w.dtype)
-    return out
-
-
 def merge_lora(model: T5) -> T5:
     """A copy of `model` without adapters whose adapted kernels are W + (alpha / r) A @ B."""
     merged = merged_kernels(model)
@@ -654,19 +503,3 @@ def merge_lora(model: T5) -> T5:
     for path, var in nnx.to_flat_state(state):
         flat.append((path, var.replace(values[path])))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def _path_tuple(path: str) -> tuple[str | int, ...]:
-    return tuple(int(p) if p.isdigit() else p for p in path.split("."))
-
-
-def from_pretrained(path_or_repo_id: str, *, dtype: Any = jnp.float32, lora: LoRAConfig | None = None,
-                    seed: int = 0) -> T5:
-    """A T5 from a Hugging Face checkpoint: a local directory or a hub id (safetensors only).
-
-    Parameters become `dtype` (float32 or bfloat16; compute in the same dtype, logits float32).
-    With `lora`, adapters are added (float32, B = 0, A drawn from `seed` and each adapter's path).
-    """
-    from kif_jax.models import t5_hf  # the loader builds on this module
-
-    return t5_hf.load_t5(path_or_repo_id, dtype=dtype, lora=lora, seed=seed)

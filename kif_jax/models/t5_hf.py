@@ -9,20 +9,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import zlib
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from kif_jax.errors import ConfigError, ModelLoadError
-from kif_jax.models.t5 import LoRAConfig, LoRAParam, T5, T5Config, merged_kernels
+from kif_jax.models.hf_files import (FLOAT_DTYPES, HUB_ALLOW_PATTERNS, SAFE_INDEX, SAFE_WEIGHTS,  # noqa: F401
+                                     SafetensorsReader, convert_hint, resolve_checkpoint, summarise, weight_files)
+from kif_jax.models.layers import LoRAConfig, LoRAParam, dotted, init_lora_state, merged_kernels
+from kif_jax.models.t5 import T5, T5Config
 
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-#: What `snapshot_download` may fetch: weights, configs and tokenizer files, never pickles.
-HUB_ALLOW_PATTERNS = ("*.safetensors", "*.json", "*.model", "*.txt", "tokenizer*")
 
 _FIELDS = {
     "stack": r"encoder|decoder",
@@ -94,106 +92,11 @@ def model_to_hf_name(path: str) -> tuple[str, Callable | None] | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Finding and reading the files
-# --------------------------------------------------------------------------------------------
-
-
-def _convert_hint(directory: str) -> str:
-    return (f"{directory} holds only PyTorch pickles (pytorch_model.bin); kif_jax reads safetensors only. "
-            "Convert it once on a machine with torch: python -c \"from transformers import "
-            "T5ForConditionalGeneration as M; M.from_pretrained('SRC').save_pretrained('DST')\" "
-            "(transformers >= 5 writes model.safetensors), then load DST.")
-
-
-def resolve_checkpoint(path_or_repo_id: str) -> str:
-    """A local directory holding the checkpoint: the path itself, or a hub snapshot."""
-    path = os.path.expanduser(str(path_or_repo_id))
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path):
-        raise ModelLoadError(f"{path} is a file; pass the checkpoint directory (with config.json)")
-    if path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep in path.replace("/", ""):
-        raise ModelLoadError(f"checkpoint directory {path} does not exist")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(path, allow_patterns=list(HUB_ALLOW_PATTERNS))
-    except Exception as e:  # noqa: BLE001 - every hub failure becomes one message
-        raise ModelLoadError(f"cannot fetch {path!r} from the Hugging Face hub "
-                             f"({type(e).__name__}: {e}); pass a local checkpoint directory instead") from None
-
-
-def _weight_files(directory: str) -> dict[str, str]:
-    """tensor name -> safetensors file, from the index of a sharded checkpoint or the single file."""
-    from safetensors import safe_open
-
-    index = os.path.join(directory, SAFE_INDEX)
-    if os.path.exists(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelLoadError(f"cannot read {index}: {e}") from None
-        missing = sorted({v for v in weight_map.values() if not os.path.exists(os.path.join(directory, v))})
-        if missing:
-            raise ModelLoadError(f"{index} names shard(s) that are not in {directory}: {', '.join(missing)}")
-        return {k: os.path.join(directory, v) for k, v in weight_map.items()}
-    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
-    if not files:
-        if any(f.endswith(".bin") for f in os.listdir(directory)):
-            raise ModelLoadError(_convert_hint(directory))
-        raise ModelLoadError(f"no *.safetensors file in {directory}")
-    out = {}
-    for name in files:
-        file = os.path.join(directory, name)
-        try:
-            with safe_open(file, framework="numpy") as f:
-                out.update({k: file for k in f.keys()})
-        except Exception as e:  # noqa: BLE001 - a corrupt file of any kind
-            raise ModelLoadError(f"cannot read {file}: {e}") from None
-    return out
-
-
-class _Reader:
-    """Lazy access to tensors spread over safetensors files: shapes first, data on demand."""
-
-    def __init__(self, files: dict[str, str]) -> None:
-        from safetensors import safe_open
-
-        self.files = files
-        self._handles = {f: safe_open(f, framework="numpy") for f in sorted(set(files.values()))}
-
-    def names(self) -> list[str]:
-        return sorted(self.files)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self.files[name]].get_slice(name).get_shape())
-
-    def dtype(self, name: str) -> str:
-        return str(self._handles[self.files[name]].get_slice(name).get_dtype())
-
-    def get(self, name: str) -> np.ndarray:
-        return self._handles[self.files[name]].get_tensor(name)
-
-
-# --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
 
-_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
-
-def _dotted(path: Iterable[Any]) -> str:
-    return ".".join(str(p) for p in path)
-
-
-def _summarise(title: str, items: list[str], limit: int = 12) -> str:
-    shown = "\n    ".join(items[:limit])
-    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
-    return f"  {title} ({len(items)}):\n    {shown}{more}"
-
-
-def _untie_if_separate_head(config: T5Config, reader: _Reader) -> T5Config:
+def _untie_if_separate_head(config: T5Config, reader: SafetensorsReader) -> T5Config:
     """transformers 5 marks every T5 tied; a stored lm_head that differs from the embedding unties it."""
     import dataclasses
 
@@ -204,25 +107,6 @@ def _untie_if_separate_head(config: T5Config, reader: _Reader) -> T5Config:
             reader.get(source), reader.get("lm_head.weight")):
         return config
     return dataclasses.replace(config, tie_word_embeddings=False)
-
-
-def _init_lora_state(lora_abstract: nnx.State, seed: int) -> nnx.State:
-    """Adapters as peft initialises them: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0.
-
-    Each A is drawn on the host from (seed, its path), so loading compiles nothing and an
-    adapter's initial value does not depend on which other projections are adapted.
-    """
-    flat = []
-    for path, var in nnx.to_flat_state(lora_abstract):
-        shape = var.get_value().shape
-        if path[-1] == "lora_a":
-            rng = np.random.default_rng([seed, zlib.crc32(_dotted(path).encode())])
-            bound = 1.0 / np.sqrt(shape[0])
-            value = rng.uniform(-bound, bound, shape).astype(np.float32)
-        else:
-            value = np.zeros(shape, np.float32)
-        flat.append((path, var.replace(jnp.asarray(value))))
-    return nnx.from_flat_state(flat)
 
 
 def load_t5(path_or_repo_id: str, *, dtype: Any = jnp.float32, lora: LoRAConfig | None = None,
@@ -236,12 +120,12 @@ def load_t5(path_or_repo_id: str, *, dtype: Any = jnp.float32, lora: LoRAConfig 
         config = T5Config.from_json(config_file)
     except (ConfigError, ValueError, TypeError) as e:
         raise ModelLoadError(f"{config_file}: {e}") from None
-    reader = _Reader(_weight_files(directory))
+    reader = SafetensorsReader(weight_files(directory))
     config = _untie_if_separate_head(config, reader)
 
     abstract = nnx.eval_shape(lambda: T5(config, lora=lora, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed)))
     graphdef, lora_abstract, base_abstract = nnx.split(abstract, LoRAParam, ...)
-    expected = {_dotted(path): var for path, var in nnx.to_flat_state(base_abstract)}
+    expected = {dotted(path): var for path, var in nnx.to_flat_state(base_abstract)}
 
     problems: dict[str, list[str]] = {"unexpected tensors": [], "missing parameters": [], "shape mismatches": [],
                                       "unsupported dtypes": []}
@@ -266,7 +150,7 @@ def load_t5(path_or_repo_id: str, *, dtype: Any = jnp.float32, lora: LoRAConfig 
         if shape != want:
             problems["shape mismatches"].append(f"{name}: checkpoint {shape} (as [in, out]), model {want}")
             continue
-        if reader.dtype(name) not in _FLOAT_DTYPES:
+        if reader.dtype(name) not in FLOAT_DTYPES:
             problems["unsupported dtypes"].append(f"{name}: {reader.dtype(name)}")
             continue
         plan[path] = (name, fn)
@@ -276,13 +160,13 @@ def load_t5(path_or_repo_id: str, *, dtype: Any = jnp.float32, lora: LoRAConfig 
             plan["shared.embedding"] = (alias, None)
             seen.add("shared.embedding")
     problems["missing parameters"] = sorted(set(expected) - seen)
-    found = [_summarise(k, v) for k, v in problems.items() if v]
+    found = [summarise(k, v) for k, v in problems.items() if v]
     if found:
         raise ModelLoadError(f"checkpoint {directory} does not fit the T5 of its config.json:\n" + "\n".join(found))
 
     flat = []
     for path, var in nnx.to_flat_state(base_abstract):
-        name, fn = plan[_dotted(path)]
+        name, fn = plan[dotted(path)]
         value = reader.get(name)
         if fn is not None:
             value = fn(value)
@@ -290,7 +174,7 @@ def load_t5(path_or_repo_id: str, *, dtype: Any = jnp.float32, lora: LoRAConfig 
     base = nnx.from_flat_state(flat)
     if lora is None:
         return nnx.merge(graphdef, lora_abstract, base)
-    return nnx.merge(graphdef, _init_lora_state(lora_abstract, seed), base)
+    return nnx.merge(graphdef, init_lora_state(lora_abstract, seed), base)
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,12 +187,12 @@ def to_hf_state_dict(model: T5) -> dict[str, np.ndarray]:
     merged = {f"{p}.kernel": w for p, w in merged_kernels(model).items()}
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Not(LoRAParam))):
-        dotted = _dotted(path)
-        hf = model_to_hf_name(dotted)
+        key = dotted(path)
+        hf = model_to_hf_name(key)
         if hf is None:
-            raise ModelLoadError(f"no Hugging Face name for model parameter {dotted}")
+            raise ModelLoadError(f"no Hugging Face name for model parameter {key}")
         name, fn = hf
-        value = np.asarray(merged.get(dotted, var[...]))
+        value = np.asarray(merged.get(key, var[...]))
         out[name] = np.ascontiguousarray(fn(value) if fn is not None else value)
     return out
 

@@ -1,0 +1,43 @@
+"""One entry point for every model family: `from_pretrained(path_or_hub_id, ...)`.
+
+Dispatches on a `.gguf` file path, or on the `model_type` of the checkpoint's `config.json`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+from kif_jax.errors import ModelLoadError
+from kif_jax.models.hf_files import read_config, resolve_checkpoint
+from kif_jax.models.layers import LoRAConfig
+
+T5_TYPES = ("t5", "mt5")
+DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def from_pretrained(path_or_hub_id: str, *, dtype: Any = jnp.float32, lora: LoRAConfig | None = None,
+                    seed: int = 0) -> Any:
+    """A model with its pretrained weights: a local directory, a hub id or a `.gguf` file.
+
+    Parameters become `dtype` (float32 or bfloat16; logits float32). With `lora`, adapters are
+    added (float32, B = 0, A drawn from `seed` and each adapter's path), as peft initialises them.
+    """
+    path = os.path.expanduser(str(path_or_hub_id))
+    if path.endswith(".gguf"):
+        from kif_jax.models import decoder_hf
+
+        return decoder_hf.load_decoder(path, dtype=dtype, lora=lora, seed=seed)
+    directory = resolve_checkpoint(path)
+    model_type = read_config(directory).get("model_type", "t5")
+    if model_type in T5_TYPES:
+        from kif_jax.models import t5_hf
+
+        return t5_hf.load_t5(directory, dtype=dtype, lora=lora, seed=seed)
+    if model_type in DECODER_TYPES:
+        from kif_jax.models import decoder_hf
+
+        return decoder_hf.load_decoder(directory, dtype=dtype, lora=lora, seed=seed)
+    raise ModelLoadError(f"{directory}: model_type {model_type!r} is not supported; "
+                         f"known: {', '.join(T5_TYPES + DECODER_TYPES)}")
