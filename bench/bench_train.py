@@ -72,7 +72,8 @@ def main() -> None:
     model = models.T5(config, lora=models.LoRAConfig(rank=8, alpha=32.0, dropout=0.05), rngs=nnx.Rngs(0))
     graphdef, lora, frozen = nnx.split(model, models.LoRAParam, ...)
     n_lora = sum(x.size for x in jax.tree.leaves(lora))
-    programs = Programs(graphdef, lr=3e-4, warmup_steps=50, max_grad_norm=1.0, weight_decay=0.0, outer_lr=1e-3,
+    programs = Programs(graphdef, family=models.Seq2SeqFamily(),
+                        lr=3e-4, warmup_steps=50, max_grad_norm=1.0, weight_decay=0.0, outer_lr=1e-3,
                         donate=False)
     rng = np.random.default_rng(0)
     inner = random_batches(rng, Q, args.batch, args.input_len, args.target_len, config.vocab_size)

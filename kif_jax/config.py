@@ -44,7 +44,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.synthetic.n_test = 100  # test examples per synthetic task
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "t5-large"  # a preset (kif_jax.models.PRESETS), a hub id, a local HF dir, or "tiny"
+    # A preset (T5: kif_jax.models.PRESETS; decoder-only: kif_jax.models.decoder.PRESETS, and the offline
+    # GGUF preset "smollm2-135m-instruct-q4"), a hub id, a local Hugging Face directory, a .gguf file,
+    # or a randomly initialised "tiny" (T5) / "tiny-decoder" (LLaMA-style) model sized by model.tiny.
+    c.model.name = "t5-large"
+    # Decoder-only models: how a benchmark input becomes the prompt: "none" (the text as is), "alpaca"
+    # (the reference's LLaMA template) or "chat" (the tokenizer's chat template). T5 ignores it.
+    c.model.prompt_template = "none"
     c.model.tokenizer = ""  # "" = the model's own; "byte" = the file-free ByT5 byte scheme
     c.model.dtype = "float32"  # compute and parameter dtype of the backbone: float32 or bfloat16
     c.model.trainable = "lora"  # "lora": only LoRA factors train; "all": every parameter trains
@@ -73,6 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.max_grad_norm = 1.0  # global-norm gradient clipping (inner and outer steps)
     c.train.max_input_length = 1024  # tokens; longer inputs are truncated
     c.train.max_target_length = 128  # tokens; longer targets are truncated
+    # Budget for CPU-sized runs: train on a seeded random subset of this many examples of each task's
+    # training file (0 = all). The memory buffer is still drawn from each earlier task's FULL training
+    # file (kif.memory_ratio of it, as in the paper), so the replay data does not shrink with the budget.
+    c.train.max_examples_per_task = 0
     c.train.reset_at_task_boundary = True  # recreate optimizer and importance states per task (reference)
     c.train.select_best = False  # keep the step with the lowest dev loss (reference: hands on the last)
     c.train.select_every_steps = 40  # how often dev loss is measured when select_best
@@ -119,6 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.trainable": ("lora", "all"),
+    "model.prompt_template": ("none", "alpaca", "chat"),
     "model.tiny.feed_forward_proj": ("relu", "gated-gelu"),
     "train.on_nonfinite": ("stop", "skip"),
     "train.prng_impl": ("rbg", "threefry"),
@@ -204,7 +215,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"config field '{name}' ({given[name]}) must be a multiple of train.micro_batch_size "
                 f"({config.train.micro_batch_size})"
             )
-    for name in ("train.warmup_steps", "eval.max_examples_per_task", "checkpoint.every_steps",
+    for name in ("train.warmup_steps", "eval.max_examples_per_task", "train.max_examples_per_task", "checkpoint.every_steps",
                  "sharding.num_devices", "order"):
         if given[name] < 0:
             raise ConfigError(f"config field '{name}' must not be negative, got {given[name]}")

@@ -10,7 +10,7 @@ from jax.sharding import Mesh
 
 from kif_jax import metrics
 from kif_jax.data.batching import TokenizedDataset, eval_batches
-from kif_jax.models.generate import greedy_decode
+from kif_jax.models.family import ModelFamily
 from kif_jax.models.tokenizers import Tokenizer
 from kif_jax.sharding import shard_rows
 
@@ -18,15 +18,15 @@ from kif_jax.sharding import shard_rows
 class Evaluator:
     """Greedy-decodes whole test sets in fixed-shape batches (one compile per length bucket)."""
 
-    def __init__(self, graphdef: nnx.GraphDef, tokenizer: Tokenizer, *, batch_size: int, max_new_tokens: int,
-                 mesh: Mesh) -> None:
+    def __init__(self, graphdef: nnx.GraphDef, family: ModelFamily, tokenizer: Tokenizer, *, batch_size: int,
+                 max_new_tokens: int, mesh: Mesh) -> None:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.mesh = mesh
 
         def decode(params: Any, frozen: Any, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
             model = nnx.merge(graphdef, params, frozen)
-            return greedy_decode(model, input_ids, attention_mask, max_new_tokens=max_new_tokens)
+            return family.greedy(model, input_ids, attention_mask, max_new_tokens=max_new_tokens)
 
         self._decode = jax.jit(decode)
 

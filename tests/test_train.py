@@ -97,7 +97,8 @@ def test_one_fusion_cycle_equals_fuse_by_hand(outer_micro):
     graphdef, params, frozen = nnx.split(_tiny_lora_model(), models.LoRAParam, ...)
     # Non-zero B factors, so that both factors have gradients and importance.
     params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape), params)
-    programs = Programs(graphdef, lr=5e-3, warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0, outer_lr=1e-3,
+    programs = Programs(graphdef, family=models.Seq2SeqFamily(),
+                        lr=5e-3, warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0, outer_lr=1e-3,
                         donate=False)
     state = init_state(params, programs.tx, key=make_task_key(0, 1, "rbg"), total_steps=100, importance=True,
                        separate_outer=False, merge_accumulators=False, select_best=False)

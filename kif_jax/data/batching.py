@@ -10,11 +10,21 @@ few hundred) do not pay for the 1024-token maximum. Every training batch has exa
 rows: a short final batch is filled with rows whose labels are all IGNORE_INDEX (no loss, no
 gradient) and whose encoder sees a single EOS token (so no attention row is fully masked).
 
-Batch layout (all `np.int32`, T5 convention):
+Two batch layouts, chosen by the dataset's `layout` (all `np.int32`):
+
+"seq2seq" (T5):
   input_ids          [B, S]  token ids, pad id after the EOS
   attention_mask     [B, S]  1 on real tokens
   decoder_input_ids  [B, T]  targets shifted right, starting with the pad id (T5's start token)
   labels             [B, T]  target ids, IGNORE_INDEX on padding
+
+"causal" (decoder-only): a row is prompt + label + EOS, right-padded to a bucket of length L
+  input_ids          [B, L]  the row's ids, pad id after it
+  attention_mask     [B, L]  1 on real tokens
+  labels             [B, L]  the ids of the label and its EOS at their own positions, IGNORE_INDEX
+                             elsewhere (the loss shifts: logits at t predict labels at t + 1)
+Since `labels` has the length of `input_ids`, padding and stacking treat both layouts alike.
+Decoding batches of the causal layout hold the prompts only, left-padded (`eval_batches`).
 """
 from __future__ import annotations
 
@@ -27,8 +37,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from kif_jax.data.benchmark import load_split, split_path
+from kif_jax.data.prompts import prompt_parts
 
 IGNORE_INDEX = -100
+LAYOUTS = ("seq2seq", "causal")
 MIN_INPUT_BUCKET = 32
 MIN_TARGET_BUCKET = 8
 Batch = dict[str, np.ndarray]
@@ -49,9 +61,13 @@ def power_of_two_buckets(max_length: int, min_length: int) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TokenizedDataset:
-    """One split tokenized once: per-row id arrays (EOS-terminated, truncated) and reference labels."""
+    """One split tokenized once: per-row id arrays (truncated) and reference labels.
 
-    input_ids: tuple[np.ndarray, ...]  # each [len <= max_input_length], int32, ends with EOS
+    seq2seq: input_ids end with EOS. causal: input_ids are the prompt (no EOS). target_ids always
+    end with EOS.
+    """
+
+    input_ids: tuple[np.ndarray, ...]  # each [len <= max_input_length], int32
     target_ids: tuple[np.ndarray, ...]  # each [len <= max_target_length], int32, ends with EOS
     references: tuple[str, ...]  # the label text of each row (for exact-match accuracy)
     ids: tuple[str, ...]
@@ -60,6 +76,7 @@ class TokenizedDataset:
     eos_token_id: int
     max_input_length: int
     max_target_length: int
+    layout: str = "seq2seq"
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -68,6 +85,11 @@ class TokenizedDataset:
     def input_buckets(self) -> tuple[int, ...]:
         """Default input-length buckets: powers of two from 32 up to `max_input_length`."""
         return power_of_two_buckets(self.max_input_length, MIN_INPUT_BUCKET)
+
+    @property
+    def sequence_buckets(self) -> tuple[int, ...]:
+        """causal layout: buckets of prompt + target lengths, from 32 up to both maxima added."""
+        return power_of_two_buckets(self.max_input_length + self.max_target_length, MIN_INPUT_BUCKET)
 
     @property
     def target_buckets(self) -> tuple[int, ...]:
@@ -126,6 +148,67 @@ def tokenize_records(
     )
 
 
+def tokenize_causal_records(
+    records: Sequence[dict],
+    tokenizer: Any,
+    *,
+    max_input_length: int = 1024,
+    max_target_length: int = 128,
+    template: str = "none",
+) -> TokenizedDataset:
+    """Decoder-only rows: the prompt (template applied, led by the BOS if the tokenizer adds one, no
+    EOS) and, tokenized separately, the label + EOS, so BPE never merges across the boundary.
+
+    A prompt over `max_input_length` tokens loses the end of its example text: the instruction line
+    (with its options) and the closing line ("Answer:") are kept whole.
+    """
+    if max_input_length < 2 or max_target_length < 2:
+        raise ValueError("max_input_length and max_target_length must be at least 2 (a token and EOS)")
+    eos = int(tokenizer.eos_token_id)
+    prefix = leading_special_ids(tokenizer)
+    parts = [prompt_parts(r["input"], template, tokenizer) for r in records]
+    inputs = []
+    for ids, (head, body, tail) in zip(tokenizer.encode_batch(["".join(p) for p in parts], add_special_tokens=False),
+                                       parts):
+        ids = prefix + list(ids)
+        if len(ids) > max_input_length:
+            ids = prefix + _cut_body(tokenizer, head, body, tail, max_input_length - len(prefix))
+        inputs.append(np.asarray(ids, dtype=np.int32))
+    labels = tokenizer.encode_batch([r["output"] for r in records], add_special_tokens=False)
+    return TokenizedDataset(
+        input_ids=tuple(inputs),
+        target_ids=tuple(np.asarray(list(t)[: max_target_length - 1] + [eos], dtype=np.int32) for t in labels),
+        references=tuple(r["output"] for r in records),
+        ids=tuple(str(r.get("id", i)) for i, r in enumerate(records)),
+        tasks=tuple(str(r.get("task", "")) for r in records),
+        pad_token_id=int(tokenizer.pad_token_id),
+        eos_token_id=eos,
+        max_input_length=max_input_length,
+        max_target_length=max_target_length,
+        layout="causal",
+    )
+
+
+def leading_special_ids(tokenizer: Any) -> list[int]:
+    """The ids the tokenizer puts before a text (LLaMA's BOS; none for SmolLM2, T5 or bytes)."""
+    plain = list(tokenizer.encode_batch(["a"], add_special_tokens=False)[0])
+    full = list(tokenizer.encode_batch(["a"], add_special_tokens=True)[0])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start: start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
+def _cut_body(tokenizer: Any, head: str, body: str, tail: str, max_length: int) -> list[int]:
+    """head + the start of body + tail in at most `max_length` ids (head and tail kept whole)."""
+    head_ids, body_ids, tail_ids = (list(x) for x in tokenizer.encode_batch([head, body, tail],
+                                                                             add_special_tokens=False))
+    room = max_length - len(head_ids) - len(tail_ids)
+    if room < 0:  # not even the protected parts fit: keep the end, where the answer is asked for
+        return (head_ids + tail_ids)[-max_length:]
+    return head_ids + body_ids[:room] + tail_ids
+
+
 # tokenizer -> {(path key, task, split, lengths): dataset}; weak so a dropped tokenizer frees its cache.
 _TOKEN_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
@@ -174,6 +257,9 @@ def collate(
     rows = batch_size if batch_size is not None else len(indices)
     if rows < len(indices) or rows < 1:
         raise ValueError(f"batch_size {rows} is smaller than the {len(indices)} rows asked for, or < 1")
+    if dataset.layout == "causal":
+        return _collate_causal(dataset, indices, rows, buckets=input_buckets, length=None if pad_to is None
+                               else int(pad_to[0]))
     longest_in = max((len(dataset.input_ids[i]) for i in indices), default=1)
     longest_tg = max((len(dataset.target_ids[i]) for i in indices), default=1)
     if pad_to is not None:
@@ -199,6 +285,46 @@ def collate(
     attention_mask[len(indices):, 0] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask,
             "decoder_input_ids": decoder_input_ids, "labels": labels}
+
+
+def _collate_causal(dataset: TokenizedDataset, indices: list[int], rows: int, *, buckets: Sequence[int] | None,
+                    length: int | None) -> Batch:
+    """Training rows prompt + target, right-padded; labels on the target's positions only."""
+    longest = max((len(dataset.input_ids[i]) + len(dataset.target_ids[i]) for i in indices), default=1)
+    if length is None:
+        length = _bucket(longest, buckets or dataset.sequence_buckets, "prompt + target")
+    elif longest > length:
+        raise ValueError(f"rows of length {longest} do not fit pad_to={length}")
+    input_ids = np.full((rows, length), dataset.pad_token_id, np.int32)  # [B, L]
+    attention_mask = np.zeros((rows, length), np.int32)  # [B, L]
+    labels = np.full((rows, length), IGNORE_INDEX, np.int32)  # [B, L]
+    for r, i in enumerate(indices):
+        prompt, target = dataset.input_ids[i], dataset.target_ids[i]
+        n = len(prompt) + len(target)
+        input_ids[r, :n] = np.concatenate([prompt, target])
+        attention_mask[r, :n] = 1
+        labels[r, len(prompt):n] = target
+    # Filler rows: one EOS token (no fully masked attention row), no label.
+    input_ids[len(indices):, 0] = dataset.eos_token_id
+    attention_mask[len(indices):, 0] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def prompt_batch(dataset: TokenizedDataset, indices: Sequence[int], *, batch_size: int,
+                 buckets: Sequence[int] | None = None) -> Batch:
+    """causal layout, for decoding: the prompts left-padded to a bucket, filler rows a lone EOS."""
+    indices = [int(i) for i in indices]
+    longest = max((len(dataset.input_ids[i]) for i in indices), default=1)
+    length = _bucket(longest, buckets or dataset.input_buckets, "prompt")
+    input_ids = np.full((batch_size, length), dataset.pad_token_id, np.int32)  # [B, S]
+    attention_mask = np.zeros((batch_size, length), np.int32)
+    for r, i in enumerate(indices):
+        prompt = dataset.input_ids[i]
+        input_ids[r, length - len(prompt):] = prompt
+        attention_mask[r, length - len(prompt):] = 1
+    input_ids[len(indices):, -1] = dataset.eos_token_id
+    attention_mask[len(indices):, -1] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def pad_batch(batch: Batch, input_len: int, target_len: int, *, pad_id: int = 0) -> Batch:
@@ -303,7 +429,11 @@ def sample_batch(
 def eval_batches(
     dataset: TokenizedDataset, batch_size: int, **collate_kwargs: Any
 ) -> Iterator[tuple[Batch, int]]:
-    """The rows in order, as (batch of exactly `batch_size` rows, number of real rows)."""
+    """The rows in order, as (batch of exactly `batch_size` rows, number of real rows); for the
+    causal layout, left-padded prompts (what decoding needs)."""
     for start in range(0, len(dataset), batch_size):
         rows = np.arange(start, min(start + batch_size, len(dataset)))
-        yield collate(dataset, rows, batch_size=batch_size, **collate_kwargs), len(rows)
+        if dataset.layout == "causal":
+            yield prompt_batch(dataset, rows, batch_size=batch_size), len(rows)
+        else:
+            yield collate(dataset, rows, batch_size=batch_size, **collate_kwargs), len(rows)

@@ -1,4 +1,5 @@
-"""T5 (v1.0 and v1.1 / Flan-T5) in Flax NNX with LoRA, Hugging Face loading, tokenizers, decoding."""
+"""Model families in Flax NNX with LoRA (T5 / Flan-T5; decoder-only LLMs), loading, tokenizers, decoding."""
+from kif_jax.models.family import CausalFamily, ModelFamily, Seq2SeqFamily, build_model, family_of
 from kif_jax.models.generate import forward, generate_texts, greedy_decode, score_options
 from kif_jax.models.t5 import (
     PRESETS,
@@ -16,6 +17,7 @@ from kif_jax.models.t5_hf import save_pretrained, to_hf_state_dict
 from kif_jax.models.tokenizers import ByteTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
+    "CausalFamily", "ModelFamily", "Seq2SeqFamily", "build_model", "family_of",
     "PRESETS", "LoRAConfig", "LoRAParam", "T5", "T5Config", "from_pretrained", "lora_modules", "merge_lora",
     "preset", "shift_right", "save_pretrained", "to_hf_state_dict", "forward", "generate_texts", "greedy_decode",
     "score_options", "ByteTokenizer", "Tokenizer", "load_tokenizer",

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import pathlib
 import time
+import zlib
 from typing import Any, Sequence
 
 import jax
@@ -26,10 +27,11 @@ from kif_jax import metrics
 from kif_jax.checkpointing import RunCheckpointer, config_fingerprint
 from kif_jax.config import SYNTHETIC_DATA, split_list, validate_config
 from kif_jax.data import synthetic
-from kif_jax.data.batching import (IGNORE_INDEX, BatchIterator, TokenizedDataset, collate, pad_batch, sample_batch,
-                                   tokenize_records)
+from kif_jax.data.batching import IGNORE_INDEX, BatchIterator, TokenizedDataset, collate, pad_batch, sample_batch
 from kif_jax.errors import ConfigError, NonFiniteError
 from kif_jax.evaluation import Evaluator
+from kif_jax.models import family as models_family
+from kif_jax.models.family import ModelFamily
 from kif_jax.reporting import MetricsWriter, save_heatmap, write_json
 from kif_jax.sharding import data_mesh, replicate, shard_rows
 from kif_jax.train.methods import MethodSpec, cycle_spec, method_spec
@@ -47,6 +49,7 @@ class RunContext:
     data_dir: pathlib.Path
     tasks: list[str]
     tokenizer: Any
+    family: ModelFamily
     graphdef: nnx.GraphDef
     init_params: Any
     frozen: Any
@@ -60,13 +63,22 @@ class RunContext:
         """Tokenize once per (split, tasks) and keep it in memory for every method and step."""
         if key not in self._cache:
             c = self.config.train
-            self._cache[key] = tokenize_records(records_fn(), self.tokenizer, max_input_length=c.max_input_length,
-                                                max_target_length=c.max_target_length)
+            self._cache[key] = self.family.tokenize(records_fn(), self.tokenizer, max_input_length=c.max_input_length,
+                                                    max_target_length=c.max_target_length)
         return self._cache[key]
 
+    def train_records(self, task: str) -> list[dict]:
+        """A task's training file, or its seeded random subset of `train.max_examples_per_task` rows."""
+        rows = kdata.load_split(self.data_dir, task, "train")
+        cap = self.config.train.max_examples_per_task
+        if not cap or cap >= len(rows):
+            return rows
+        pick = np.random.default_rng([self.config.seed, zlib.crc32(task.encode())]).choice(len(rows), cap,
+                                                                                           replace=False)
+        return [rows[i] for i in sorted(pick)]
+
     def train_set(self, tasks: Sequence[str]) -> TokenizedDataset:
-        return self.tokenized(("train", tuple(tasks)), lambda: [
-            r for t in tasks for r in kdata.load_split(self.data_dir, t, "train")])
+        return self.tokenized(("train", tuple(tasks)), lambda: [r for t in tasks for r in self.train_records(t)])
 
     def test_set(self, task: str) -> TokenizedDataset:
         cap = self.config.eval.max_examples_per_task
@@ -108,34 +120,9 @@ def resolve_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tup
     return pathlib.Path(data_dir), tasks
 
 
-def build_model(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
-    """The backbone (with LoRA when only LoRA trains) and its tokenizer."""
-    from kif_jax import models
-
-    dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
-    m = config.model
-    lora = None
-    if m.trainable == "lora":
-        lora = models.LoRAConfig(rank=m.lora.rank, alpha=float(m.lora.alpha), dropout=float(m.lora.dropout),
-                                 targets=tuple(split_list(m.lora.targets)))
-    if m.name == "tiny":
-        t = m.tiny
-        t5_config = models.T5Config(
-            vocab_size=t.vocab_size, d_model=t.d_model, d_kv=t.d_kv, d_ff=t.d_ff, num_layers=t.num_layers,
-            num_decoder_layers=t.num_layers, num_heads=t.num_heads, dropout_rate=t.dropout_rate,
-            feed_forward_proj=t.feed_forward_proj, tie_word_embeddings=t.feed_forward_proj == "relu",
-            scale_decoder_outputs=t.feed_forward_proj == "relu")
-        model = models.T5(t5_config, lora=lora, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(params=config.seed))
-        source = m.tokenizer or "byte"
-    else:
-        source = models.PRESETS[m.name][0] if m.name in models.PRESETS else m.name
-        model = models.from_pretrained(source, dtype=dtype, lora=lora, seed=config.seed)
-        source = m.tokenizer or source
-    tokenizer = models.load_tokenizer(source)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ConfigError(f"tokenizer '{source}' has {tokenizer.vocab_size} ids but the model only "
-                          f"{model.config.vocab_size} embeddings")
-    return model, tokenizer
+def build_model(config: ml_collections.ConfigDict) -> tuple[Any, Any, ModelFamily]:
+    """The backbone (with LoRA when only LoRA trains), its tokenizer and its family."""
+    return models_family.build_model(config.model, seed=config.seed)
 
 
 class MethodRun:
@@ -183,7 +170,7 @@ class MethodRun:
             prev = [t for p in self.phases[:phase] for t in p]
             key = ("replay", tuple(tasks), tuple(prev))
             return self.ctx.tokenized(key, lambda: [
-                r for t in tasks for r in kdata.load_split(self.ctx.data_dir, t, "train")
+                r for t in tasks for r in self.ctx.train_records(t)
             ] + kdata.memory_buffer(self.ctx.data_dir, prev, ratio=self.config.kif.memory_ratio,
                                     seed=self.config.seed))
         return self.ctx.train_set(tasks)
@@ -389,18 +376,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     workdir = pathlib.Path(workdir)
     data_dir, tasks = resolve_run(config, workdir)
     c = config
-    model, tokenizer = build_model(config)
+    model, tokenizer, family = build_model(config)
     from kif_jax.models import LoRAParam
 
     trainable = LoRAParam if c.model.trainable == "lora" else nnx.Param
     graphdef, params, frozen = nnx.split(model, trainable, ...)
     mesh = data_mesh(c.sharding.num_devices)
-    programs = Programs(graphdef, lr=c.train.lr, warmup_steps=c.train.warmup_steps,
+    programs = Programs(graphdef, family=family, lr=c.train.lr, warmup_steps=c.train.warmup_steps,
                         max_grad_norm=c.train.max_grad_norm, weight_decay=c.train.weight_decay,
                         outer_lr=c.kif.outer_lr, prng_impl=c.train.prng_impl)
-    evaluator = Evaluator(graphdef, tokenizer, batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens,
+    evaluator = Evaluator(graphdef, family, tokenizer, batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens,
                           mesh=mesh)
-    ctx = RunContext(config=c, workdir=workdir, data_dir=data_dir, tasks=tasks, tokenizer=tokenizer,
+    ctx = RunContext(config=c, workdir=workdir, data_dir=data_dir, tasks=tasks, tokenizer=tokenizer, family=family,
                      graphdef=graphdef, init_params=replicate(params, mesh), frozen=replicate(frozen, mesh),
                      mesh=mesh, programs=programs, evaluator=evaluator, fingerprint=config_fingerprint(c))
     results: dict[str, dict] = {}

@@ -16,7 +16,7 @@ import optax
 from flax import nnx, struct
 
 import kif_jax
-from kif_jax.data.batching import IGNORE_INDEX
+from kif_jax.models.family import ModelFamily
 from kif_jax.train.methods import CycleSpec
 
 Batch = dict[str, jax.Array]
@@ -80,11 +80,12 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 class Programs:
-    """The jitted programs of one model (graphdef) and optimizer setting, cached per CycleSpec."""
+    """The jitted programs of one model (graphdef, family) and optimizer setting, cached per CycleSpec."""
 
-    def __init__(self, graphdef: nnx.GraphDef, *, lr: float, warmup_steps: int, max_grad_norm: float,
+    def __init__(self, graphdef: nnx.GraphDef, *, family: ModelFamily, lr: float, warmup_steps: int, max_grad_norm: float,
                  weight_decay: float, outer_lr: float, prng_impl: str = "rbg", donate: bool = True) -> None:
         self.graphdef = graphdef
+        self.family = family
         self.prng_impl = prng_impl
         self.lr = lr
         self.warmup_steps = warmup_steps
@@ -99,17 +100,7 @@ class Programs:
     # --- losses -------------------------------------------------------------------------------
     def token_loss(self, params: Any, frozen: Any, batch: Batch, key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         """Mean target cross-entropy of one micro-batch [mb, L] (padding ignored), and its token count."""
-        model = nnx.merge(self.graphdef, params, frozen)
-        train = key is not None
-        logits = model(
-            batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"],
-            deterministic=not train, rngs=nnx.Rngs(dropout=key) if train else None,
-        )  # [mb, T, V] float32
-        labels = batch["labels"]
-        mask = labels != IGNORE_INDEX
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, labels, 0))
-        count = jnp.sum(mask)
-        return jnp.sum(nll * mask) / jnp.maximum(count, 1), count
+        return self.family.token_loss(nnx.merge(self.graphdef, params, frozen), batch, key=key)
 
     def accumulated_grads(self, params: Any, frozen: Any, batch: Batch, key: jax.Array) -> tuple[jax.Array, Any]:
         """Loss and gradient averaged over the A micro-batches of a [A, mb, L] batch (HF Trainer's accumulation)."""
