@@ -36,7 +36,7 @@ def prompt_parts(text: str, template: str, tokenizer: Any = None) -> tuple[str, 
     if template == "alpaca":  # instruction = the benchmark's instruction line, input = the example
         if not head:
             return ALPACA_HEAD, body, tail + ALPACA_TAIL
-        return ALPACA_HEAD + head.rstrip("\n") + ALPACA_MIDDLE, body, tail.lstrip("\n") + ALPACA_TAIL
+        return ALPACA_HEAD + head.rstrip("\n") + ALPACA_MIDDLE, body, tail + ALPACA_TAIL
     if template == "chat":
         marker = "\x00BODY\x00"
         rendered = tokenizer.apply_chat_template(head + marker + tail)

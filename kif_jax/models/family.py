@@ -168,5 +168,6 @@ def _tiny_model(name: str, t: Any, *, lora: LoRAConfig | None, dtype: Any, seed:
         model_type="llama", vocab_size=t.vocab_size, hidden_size=t.d_model, intermediate_size=t.d_ff,
         num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_heads,
         head_dim=t.d_kv, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096,
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=1, pad_token_id=0)
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=1, pad_token_id=0,
+        attention_dropout=t.dropout_rate)
     return DecoderLM(config, lora=lora, dtype=dtype, param_dtype=dtype, rngs=rngs)
