@@ -1,6 +1,9 @@
-"""Training and evaluation speed of a t5-small-sized model (random weights, LoRA on q and v).
+"""Training and evaluation speed: a t5-small-sized model (random weights) or SmolLM2-135M (LoRA on q and v).
 
-Usage: python bench/bench_train.py [--cycles 3] [--batch 8] [--input-len 128] [--target-len 8]
+Usage: python bench/bench_train.py [--model t5-small|smollm2-135m-instruct-q4] [--cycles 3] [--batch 8]
+       [--input-len 128] [--target-len 8]
+For the decoder-only model a training row is input-len + target-len tokens (prompt + label), with
+the loss on the last target-len; decoding reads left-padded prompts of input-len tokens.
 Prints: tokens/s of the inner and outer steps, the time of one fusion, the wall-time ratio of a
 Recurrent-KIF cycle (Q=8 inner + M=4 outer + fusion) to 8 SeqLoRA steps (floor 1.5 with equal
 batches), and test examples/s of batched greedy decoding. Everything is timed after compilation.
@@ -25,8 +28,12 @@ Q, M = 8, 4
 
 
 def random_batches(rng: np.random.Generator, n: int, batch: int, input_len: int, target_len: int,
-                   vocab: int) -> dict:
+                   vocab: int, causal: bool = False) -> dict:
     """[n, 1, batch, length] int32 batches of random tokens (one micro-batch per step)."""
+    if causal:
+        ids = rng.integers(3, vocab, size=(n, 1, batch, input_len + target_len)).astype(np.int32)
+        labels = np.where(np.arange(input_len + target_len) >= input_len, ids, -100).astype(np.int32)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
     ids = rng.integers(3, vocab, size=(n, 1, batch, input_len)).astype(np.int32)
     labels = rng.integers(3, vocab, size=(n, 1, batch, target_len)).astype(np.int32)
     dec = np.concatenate([np.zeros_like(labels[..., :1]), labels[..., :-1]], axis=-1)
@@ -66,18 +73,27 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--target-len", type=int, default=8)
     parser.add_argument("--eval-batch", type=int, default=32)
+    parser.add_argument("--model", default="t5-small", help="t5-small (random weights), or a decoder-only "
+                        "model name/path such as smollm2-135m-instruct-q4 (pretrained weights)")
     args = parser.parse_args()
 
-    config = models.preset("t5-small")
-    model = models.T5(config, lora=models.LoRAConfig(rank=8, alpha=32.0, dropout=0.05), rngs=nnx.Rngs(0))
+    if args.model == "t5-small":
+        model = models.T5(models.preset("t5-small"), lora=models.LoRAConfig(rank=8, alpha=32.0, dropout=0.05),
+                          rngs=nnx.Rngs(0))
+    else:
+        lora_config = models.LoRAConfig(rank=8, alpha=32.0, dropout=0.05, targets=("q_proj", "v_proj"))
+        model = models.from_pretrained(models.family.resolve_model_source(args.model), lora=lora_config)
+    config = model.config
+    family = models.family_of(model)
+    causal = isinstance(family, models.CausalFamily)
     graphdef, lora, frozen = nnx.split(model, models.LoRAParam, ...)
     n_lora = sum(x.size for x in jax.tree.leaves(lora))
-    programs = Programs(graphdef, family=models.Seq2SeqFamily(),
+    programs = Programs(graphdef, family=family,
                         lr=3e-4, warmup_steps=50, max_grad_norm=1.0, weight_decay=0.0, outer_lr=1e-3,
                         donate=False)
     rng = np.random.default_rng(0)
-    inner = random_batches(rng, Q, args.batch, args.input_len, args.target_len, config.vocab_size)
-    outer = random_batches(rng, M, args.batch, args.input_len, args.target_len, config.vocab_size)
+    inner = random_batches(rng, Q, args.batch, args.input_len, args.target_len, config.vocab_size, causal)
+    outer = random_batches(rng, M, args.batch, args.input_len, args.target_len, config.vocab_size, causal)
     tokens_per_step = args.batch * (args.input_len + args.target_len)
 
     def state(importance: bool):
@@ -99,12 +115,12 @@ def main() -> None:
     fuse = jax.jit(lambda p, a, b, s1, s2: kif_jax.fuse(p, a, b, s1, s2))
     fuse_s = timed(lambda: jax.block_until_ready(fuse(lora, lora, lora, *scores)), args.cycles)
 
-    decode = jax.jit(lambda l, f, ids, mask: models.greedy_decode(nnx.merge(graphdef, l, f), ids, mask,
-                                                                   max_new_tokens=args.target_len))
+    decode = jax.jit(lambda l, f, ids, mask: family.greedy(nnx.merge(graphdef, l, f), ids, mask,
+                                                            max_new_tokens=args.target_len))
     ids = rng.integers(3, config.vocab_size, size=(args.eval_batch, args.input_len)).astype(np.int32)
     decode_s = timed(lambda: jax.block_until_ready(decode(lora, frozen, ids, np.ones_like(ids))), args.cycles)
 
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; t5-small, LoRA values: {n_lora:,}; "
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; {args.model}, LoRA values: {n_lora:,}; "
           f"batch {args.batch} x ({args.input_len} + {args.target_len}) tokens")
     print(f"inner step (SeqLoRA cycle / {Q}): {seq_s / Q * 1e3:8.1f} ms  {Q * tokens_per_step / seq_s:10,.0f} tokens/s")
     print(f"outer step (alone):            {outer_s * 1e3:8.1f} ms  {tokens_per_step / outer_s:10,.0f} tokens/s")

@@ -1,0 +1,619 @@
+"""Decoder-only causal LMs (LLaMA-2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2) in Flax NNX, with LoRA.
+
+Module paths mirror Hugging Face's `*ForCausalLM` names (`model.layers.0.self_attn.q_proj`, ...), so
+checkpoint names and PEFT keys map one to one (see `decoder_hf.py`); kernels are stored [in, out].
+Positions come from the attention mask (the first real token is position 0), so a left-padded row
+gives the logits of the same row unpadded. Every random choice of a call (dropout) comes from the
+call's `rngs`, so a model splits into (graphdef, LoRA state, frozen state) only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kif_jax.errors import ConfigError
+from kif_jax.models.layers import (
+    Dense,
+    Embed,
+    KeyStream,
+    LoRAConfig,
+    LoRAParam,
+    RMSNorm,
+    RngsLike,
+    check_lora_targets,
+    dropout,
+    dropout_keys,
+    mask_bias,
+    merged_kernels,
+    path_tuple,
+)
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM"}
+_ROPE_TYPES = ("default", "linear", "llama3")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+def _rope_items(value: Any, field: str) -> tuple[tuple[str, Any], ...] | None:
+    """A rope-scaling dict (or its item tuple) -> sorted (key, value) items with `rope_type`; None if plain."""
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        value = dict(value)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"DecoderConfig.{field} must be a dict or None, got {value!r}")
+    items = {k: v for k, v in value.items() if k not in ("rope_theta", "type")}
+    items.setdefault("rope_type", value.get("type", "default"))
+    for k, v in items.items():  # nested lists (e.g. longrope's factors) are not hashable
+        if isinstance(v, list):
+            items[k] = tuple(v)
+    if items["rope_type"] == "default" and len(items) == 1:
+        return None
+    return tuple(sorted(items.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Hyper-parameters under Hugging Face's field names; `None` fields are resolved at construction.
+
+    `head_dim=None` -> hidden_size / heads; `num_key_value_heads=None` -> heads; `attention_bias=None`
+    -> True for qwen2 (q/k/v biases) else False; `qk_norm=None` -> True for qwen3; `pad_token_id=None`
+    -> eos; `eos_token_ids` holds every stop id (the first is `eos_token_id`). `rope_scaling` is stored
+    as sorted (key, value) items so the config stays hashable; `rope_freq_factors` (GGUF's
+    `rope_freqs`) divides the base inverse frequencies and takes precedence over `rope_scaling`.
+    """
+
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    rope_freq_factors: tuple[float, ...] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool | None = None
+    qk_norm: bool | None = None
+    sliding_window: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int = 2
+    eos_token_ids: tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    hidden_act: str = "silu"
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"DecoderConfig.{name} must be a positive integer, got {value!r}")
+            put(name, int(value))
+
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"DecoderConfig.model_type must be one of {', '.join(MODEL_TYPES)}, "
+                              f"got {self.model_type!r}")
+        if self.num_key_value_heads is None:
+            put("num_key_value_heads", self.num_attention_heads)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            positive_int(name)
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(f"DecoderConfig.head_dim is needed: hidden_size={self.hidden_size} is not a "
+                                  f"multiple of num_attention_heads={self.num_attention_heads}")
+            put("head_dim", self.hidden_size // self.num_attention_heads)
+        positive_int("head_dim")
+        if self.head_dim % 2:
+            raise ConfigError(f"DecoderConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"DecoderConfig.num_key_value_heads={self.num_key_value_heads} must divide "
+                              f"num_attention_heads={self.num_attention_heads}")
+        if self.attention_bias is None:
+            put("attention_bias", self.model_type == "qwen2")
+        if self.qk_norm is None:
+            put("qk_norm", self.model_type == "qwen3")
+        for name in ("tie_word_embeddings", "attention_bias", "qk_norm"):
+            put(name, bool(getattr(self, name)))
+        for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
+            try:
+                value = float(getattr(self, name))
+            except (TypeError, ValueError):
+                raise ConfigError(f"DecoderConfig.{name} must be a number, got {getattr(self, name)!r}") from None
+            if not value > 0.0:
+                raise ConfigError(f"DecoderConfig.{name} must be > 0, got {value!r}")
+            put(name, value)
+        if not 0.0 <= float(self.attention_dropout) < 1.0:
+            raise ConfigError(f"DecoderConfig.attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
+        put("attention_dropout", float(self.attention_dropout))
+        if self.hidden_act not in ("silu", "swish"):
+            raise ConfigError(f"DecoderConfig.hidden_act must be 'silu', got {self.hidden_act!r}")
+        if self.sliding_window is not None:
+            positive_int("sliding_window")
+        put("rope_scaling", _rope_items(self.rope_scaling, "rope_scaling"))
+        if self.rope_scaling is not None:
+            scaling = dict(self.rope_scaling)
+            kind = scaling["rope_type"]
+            if kind not in _ROPE_TYPES:
+                raise ConfigError(f"DecoderConfig.rope_scaling: rope_type {kind!r} is not supported "
+                                  f"(supported: {', '.join(_ROPE_TYPES)})")
+            if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+                raise ConfigError("DecoderConfig.rope_scaling: partial_rotary_factor != 1 is not supported")
+            needed = ("factor",) if kind == "linear" else _LLAMA3_KEYS[:3] if kind == "llama3" else ()
+            missing = [k for k in needed if k not in scaling]
+            if missing:
+                raise ConfigError(f"DecoderConfig.rope_scaling ({kind}) lacks {', '.join(missing)}")
+        if self.rope_freq_factors is not None:
+            factors = tuple(float(f) for f in np.asarray(self.rope_freq_factors, np.float64).reshape(-1))
+            if len(factors) != self.head_dim // 2 or not all(f > 0 for f in factors):
+                raise ConfigError(f"DecoderConfig.rope_freq_factors must hold head_dim / 2 = {self.head_dim // 2} "
+                                  f"positive numbers, got {len(factors)}")
+            put("rope_freq_factors", factors)
+        eos_ids = self.eos_token_ids
+        if isinstance(self.eos_token_id, (list, tuple)):
+            eos_ids = eos_ids or tuple(self.eos_token_id)
+            put("eos_token_id", self.eos_token_id[0] if self.eos_token_id else None)
+        if self.eos_token_id is None:
+            raise ConfigError("DecoderConfig.eos_token_id is required (generation stops on it)")
+        put("eos_token_id", int(self.eos_token_id))
+        eos_ids = tuple(int(i) for i in (eos_ids or (self.eos_token_id,)))
+        if self.eos_token_id not in eos_ids:
+            eos_ids = (self.eos_token_id, *eos_ids)
+        put("eos_token_ids", eos_ids)
+        if self.pad_token_id is None:
+            put("pad_token_id", self.eos_token_id)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= int(value) < self.vocab_size:
+                raise ConfigError(f"DecoderConfig.{name}={value!r} is outside the vocabulary [0, {self.vocab_size})")
+        for value in self.eos_token_ids:
+            if not 0 <= value < self.vocab_size:
+                raise ConfigError(f"DecoderConfig.eos_token_ids holds {value}, outside the vocabulary "
+                                  f"[0, {self.vocab_size})")
+
+    @property
+    def rope_type(self) -> str:
+        return "default" if self.rope_scaling is None else dict(self.rope_scaling)["rope_type"]
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any]) -> "DecoderConfig":
+        """From a Hugging Face `config.json` dict (hub style and transformers-5 `rope_parameters` alike)."""
+        model_type = hf.get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise ConfigError(f"config.json has model_type {model_type!r}, expected one of {', '.join(MODEL_TYPES)}")
+        if hf.get("mlp_bias"):
+            raise ConfigError("DecoderConfig: mlp_bias=true is not supported")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in hf.items() if k in names and v is not None}
+        if "bos_token_id" in hf:  # an explicit null means no BOS (Qwen's configs)
+            kwargs["bos_token_id"] = hf["bos_token_id"]
+        rope_theta = hf.get("rope_theta")
+        scaling = hf.get("rope_scaling")
+        params = hf.get("rope_parameters")
+        if isinstance(params, Mapping):
+            if any(isinstance(v, Mapping) for v in params.values()):
+                raise ConfigError("DecoderConfig: per-layer rope_parameters are not supported")
+            rope_theta = params.get("rope_theta", rope_theta)
+            scaling = params
+        kwargs["rope_theta"] = 10000.0 if rope_theta is None else rope_theta
+        scaling = _rope_items(scaling, "rope_scaling")
+        if scaling is not None and dict(scaling)["rope_type"] == "llama3" and \
+                "original_max_position_embeddings" not in dict(scaling):
+            scaling = tuple(sorted({**dict(scaling), "original_max_position_embeddings":
+                                    hf.get("max_position_embeddings", 2048)}.items()))
+        kwargs["rope_scaling"] = scaling
+        if model_type in ("qwen2", "qwen3"):
+            kwargs["sliding_window"] = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+        elif model_type == "llama":
+            kwargs.pop("sliding_window", None)
+        if model_type == "mistral":
+            kwargs.pop("attention_bias", None)
+        eos = hf.get("eos_token_id")
+        if isinstance(eos, (list, tuple)):
+            if not eos:
+                raise ConfigError("DecoderConfig.eos_token_id is an empty list")
+            kwargs["eos_token_id"], kwargs["eos_token_ids"] = eos[0], tuple(eos)
+        if kwargs.get("rope_freq_factors") is not None:
+            kwargs["rope_freq_factors"] = tuple(np.asarray(kwargs["rope_freq_factors"], np.float64).reshape(-1))
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"DecoderConfig: {e}") from None
+
+    @classmethod
+    def from_json(cls, path: str) -> "DecoderConfig":
+        """From a `config.json` file."""
+        with open(path, encoding="utf-8") as f:
+            return cls.from_hf(json.load(f))
+
+    def to_hf(self) -> dict[str, Any]:
+        """A `config.json` dict that Hugging Face's `*ForCausalLM` reads back (legacy rope keys)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out.pop("qk_norm")
+        out.pop("eos_token_ids")
+        out["eos_token_id"] = list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_id
+        out["rope_scaling"] = None if self.rope_scaling is None else dict(self.rope_scaling)
+        out["rope_freq_factors"] = None if self.rope_freq_factors is None else list(self.rope_freq_factors)
+        if self.model_type in ("qwen2", "qwen3"):
+            out["use_sliding_window"] = self.sliding_window is not None
+        if self.model_type == "qwen2":
+            out.pop("attention_bias")
+        out.update(architectures=[_ARCHITECTURES[self.model_type]], mlp_bias=False)
+        nullable = ("sliding_window", "rope_scaling", "bos_token_id")
+        return {k: v for k, v in out.items() if v is not None or k in nullable}
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+#: name -> Hugging Face hub id (None: a from-scratch config in `TINY_PRESETS`).
+PRESETS: dict[str, str | None] = {
+    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama-2-7b-chat": "meta-llama/Llama-2-7b-chat-hf",
+    "llama-2-13b": "meta-llama/Llama-2-13b-hf",
+    "llama-2-13b-chat": "meta-llama/Llama-2-13b-chat-hf",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
+    "llama-3.2-1b-instruct": "meta-llama/Llama-3.2-1B-Instruct",
+    "llama-3.2-3b": "meta-llama/Llama-3.2-3B",
+    "llama-3.2-3b-instruct": "meta-llama/Llama-3.2-3B-Instruct",
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
+    "llama-3.1-8b-instruct": "meta-llama/Llama-3.1-8B-Instruct",
+    "mistral-7b-v0.1": "mistralai/Mistral-7B-v0.1",
+    "mistral-7b-instruct-v0.1": "mistralai/Mistral-7B-Instruct-v0.1",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "qwen2.5-0.5b-instruct": "Qwen/Qwen2.5-0.5B-Instruct",
+    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B",
+    "qwen2.5-1.5b-instruct": "Qwen/Qwen2.5-1.5B-Instruct",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "qwen2.5-7b-instruct": "Qwen/Qwen2.5-7B-Instruct",
+    # Qwen3's plain names are the post-trained (instruct / thinking) models; "-base" the pretrained ones.
+    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+    "qwen3-0.6b-base": "Qwen/Qwen3-0.6B-Base",
+    "qwen3-1.7b": "Qwen/Qwen3-1.7B",
+    "qwen3-1.7b-base": "Qwen/Qwen3-1.7B-Base",
+    "qwen3-4b": "Qwen/Qwen3-4B",
+    "qwen3-4b-base": "Qwen/Qwen3-4B-Base",
+    "qwen3-8b": "Qwen/Qwen3-8B",
+    "qwen3-8b-base": "Qwen/Qwen3-8B-Base",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "smollm2-360m": "HuggingFaceTB/SmolLM2-360M",
+    "smollm2-360m-instruct": "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B",
+    "smollm2-1.7b-instruct": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+    "tiny-llama-byte": None,
+}
+
+#: Offline from-scratch configs; `tiny-llama-byte` matches `ByteTokenizer` (259 ids, pad 0, eos 1).
+TINY_PRESETS: dict[str, DecoderConfig] = {
+    "tiny-llama-byte": DecoderConfig(model_type="llama", vocab_size=259, hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                     rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=1024,
+                                     tie_word_embeddings=False, bos_token_id=None, eos_token_id=1,
+                                     pad_token_id=0),
+}
+
+
+def hub_id(name: str) -> str | None:
+    """The hub id of a named preset (None for a from-scratch `TINY_PRESETS` config)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown decoder preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def rope_inv_freq(config: DecoderConfig) -> np.ndarray:
+    """float32 [head_dim / 2] inverse frequencies, with llama3/linear scaling or GGUF's factors.
+
+    Computed on the host in float32 in the reference's order, so the tables match PyTorch's.
+    """
+    dim = config.head_dim
+    exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
+    if config.rope_freq_factors is not None:
+        return (inv_freq / np.asarray(config.rope_freq_factors, np.float32)).astype(np.float32)
+    scaling = dict(config.rope_scaling or ())
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
+    if kind == "llama3":
+        factor = np.float32(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling.get("original_max_position_embeddings", config.max_position_embeddings))
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = (np.float32(2 * np.pi) / inv_freq).astype(np.float32)
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq).astype(np.float32)
+        smooth = ((np.float32(old_len) / wavelen - np.float32(low)) / np.float32(high - low)).astype(np.float32)
+        smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_tables(config: DecoderConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """positions [B, T] int -> (cos, sin) float32 [B, T, head_dim] in the rotate_half layout."""
+    inv_freq = jnp.asarray(rope_inv_freq(config))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, heads, hd] rotated by cos/sin [B, T, hd]: x cos + rotate_half(x) sin, in x's dtype."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """[B, T] 0/1 mask -> int32 positions: the first real token is 0, left pads are 0 too."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE (and qwen3's per-head q/k norms); float32 scores."""
+
+    def __init__(self, cfg: DecoderConfig, *, path: str, lora: LoRAConfig | None, dtype: Any, param_dtype: Any,
+                 keys: KeyStream) -> None:
+        d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        common = dict(std=cfg.initializer_range, lora=lora, dtype=dtype, param_dtype=param_dtype, keys=keys)
+        bias = cfg.attention_bias
+        self.q_proj = Dense(d, h * hd, path=f"{path}.q_proj", use_bias=bias, **common)
+        self.k_proj = Dense(d, kv * hd, path=f"{path}.k_proj", use_bias=bias, **common)
+        self.v_proj = Dense(d, kv * hd, path=f"{path}.v_proj", use_bias=bias, **common)
+        # Qwen2 puts biases on q/k/v only; LLaMA's and Qwen3's attention_bias covers o_proj too.
+        self.o_proj = Dense(h * hd, d, path=f"{path}.o_proj", use_bias=bias and cfg.model_type != "qwen2", **common)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+            self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+        self.dropout_rate = cfg.attention_dropout
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
+                 cache: tuple[jax.Array, jax.Array, jax.Array] | None = None, *, deterministic: bool = True,
+                 rngs: RngsLike = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, D] -> (out [B, T, D], keys, values [B, S, KV, hd]).
+
+        Without `cache` the keys are x's own (S = T); with `cache` = (k, v, index) x's keys/values
+        are written at slot `index` of the cached [B, L, KV, hd] arrays and attention spans all L
+        slots. `bias` [B, 1, 1, T, S] float32 holds the causal and padding mask.
+        """
+        kw = dict(deterministic=deterministic, rngs=rngs)
+        b, t = x.shape[:2]
+        g = self.num_heads // self.num_kv_heads
+        q = self.q_proj(x, **kw).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x, **kw).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, **kw).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            cache_k, cache_v, index = cache
+            k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
+        q = q.reshape(b, t, self.num_kv_heads, g, self.head_dim)  # head h uses kv head h // g
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)  # [B, KV, G, T, S]
+        scores = scores * jnp.float32(self.head_dim ** -0.5) + bias
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = dropout(probs, self.dropout_rate, deterministic, rngs).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype))
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), **kw), k, v
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: DecoderConfig, *, path: str, lora: LoRAConfig | None, dtype: Any, param_dtype: Any,
+                 keys: KeyStream) -> None:
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        common = dict(std=cfg.initializer_range, lora=lora, dtype=dtype, param_dtype=param_dtype, keys=keys)
+        self.gate_proj = Dense(d, f, path=f"{path}.gate_proj", **common)
+        self.up_proj = Dense(d, f, path=f"{path}.up_proj", **common)
+        self.down_proj = Dense(f, d, path=f"{path}.down_proj", **common)
+
+    def __call__(self, x: jax.Array, *, deterministic: bool = True, rngs: RngsLike = None) -> jax.Array:
+        kw = dict(deterministic=deterministic, rngs=rngs)
+        return self.down_proj(jax.nn.silu(self.gate_proj(x, **kw)) * self.up_proj(x, **kw), **kw)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: DecoderConfig, *, path: str, lora: LoRAConfig | None, dtype: Any, param_dtype: Any,
+                 keys: KeyStream) -> None:
+        common = dict(lora=lora, dtype=dtype, param_dtype=param_dtype, keys=keys)
+        norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.self_attn = Attention(cfg, path=f"{path}.self_attn", **common)
+        self.mlp = MLP(cfg, path=f"{path}.mlp", **common)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
+                 cache: tuple[jax.Array, jax.Array, jax.Array] | None = None, *, deterministic: bool = True,
+                 rngs: RngsLike = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        kw = dict(deterministic=deterministic, rngs=rngs)
+        h, k, v = self.self_attn(self.input_layernorm(x), cos, sin, bias, cache, **kw)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x), **kw), k, v
+
+
+class DecoderStack(nnx.Module):
+    """Hugging Face's `*Model`: token embedding, the layers, the final norm."""
+
+    def __init__(self, cfg: DecoderConfig, *, lora: LoRAConfig | None, dtype: Any, param_dtype: Any,
+                 keys: KeyStream) -> None:
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, std=cfg.initializer_range, dtype=dtype,
+                                  param_dtype=param_dtype, keys=keys)
+        self.layers = nnx.List([
+            DecoderLayer(cfg, path=f"model.layers.{i}", lora=lora, dtype=dtype, param_dtype=param_dtype, keys=keys)
+            for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys/values for incremental decoding (a plain pytree; batch first)."""
+
+    k: tuple[jax.Array, ...]  # each [B, L, KV, hd] in the model dtype
+    v: tuple[jax.Array, ...]
+    mask: jax.Array  # [B, L] bool: slots written so far that hold real tokens
+    index: jax.Array  # [] int32: the next slot to write
+    next_position: jax.Array  # [B] int32: the RoPE position of each row's next real token
+
+    def repeat(self, n: int) -> "KVCache":
+        """Each row repeated `n` times (row r -> rows r*n .. r*n+n-1), e.g. once per candidate option."""
+        rep = functools.partial(jnp.repeat, repeats=n, axis=0)
+        return KVCache(tuple(map(rep, self.k)), tuple(map(rep, self.v)), rep(self.mask), self.index,
+                       rep(self.next_position))
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+class DecoderLM(nnx.Module):
+    """A causal LM: `model(input_ids, attention_mask)` -> float32 logits [B, T, V]."""
+
+    def __init__(self, config: DecoderConfig, *, lora: LoRAConfig | None = None, dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs) -> None:
+        self.config = config
+        self.lora = lora
+        self.dtype = dtype
+        keys = KeyStream(rngs.params())
+        self.model = DecoderStack(config, lora=lora, dtype=dtype, param_dtype=param_dtype, keys=keys)
+        if not config.tie_word_embeddings:
+            self.lm_head = Dense(config.hidden_size, config.vocab_size, std=config.initializer_range, path="lm_head",
+                                 lora=lora, dtype=dtype, param_dtype=param_dtype, keys=keys)
+        check_lora_targets(self, lora, "decoder LM")
+
+    def check_length(self, length: int) -> None:
+        """Refuse sequences longer than a sliding window: the windowed mask is not implemented."""
+        window = self.config.sliding_window
+        if window is not None and length > window:
+            raise ConfigError(f"sequence length {length} exceeds the {self.config.model_type} sliding_window "
+                              f"{window}; sliding-window attention is not implemented, keep prompts plus new "
+                              f"tokens within {window}")
+
+    def _layers(self, x: jax.Array, positions: jax.Array, bias: jax.Array, cache: KVCache | None, *,
+                deterministic: bool, rngs: RngsLike) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
+        cos, sin = rope_tables(self.config, positions)
+        ks, vs = [], []
+        for i, layer in enumerate(self.model.layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
+            x, k, v = layer(x, cos, sin, bias, layer_cache, deterministic=deterministic, rngs=rngs)
+            ks.append(k)
+            vs.append(v)
+        return self.model.norm(x), ks, vs
+
+    def hidden(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, deterministic: bool = True,
+               rngs: nnx.Rngs | KeyStream | None = None) -> jax.Array:
+        """input_ids [B, T] -> final-normed hidden states [B, T, D] (the input of `head`)."""
+        rngs = dropout_keys(deterministic, rngs)
+        b, t = input_ids.shape
+        self.check_length(t)
+        mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        allowed = jnp.tril(jnp.ones((t, t), bool))[None] & mask[:, None, :]  # [B, T, T]
+        x = self.model.embed_tokens(input_ids)
+        h, _, _ = self._layers(x, positions_from_mask(mask), mask_bias(allowed)[:, None, None], None,
+                               deterministic=deterministic, rngs=rngs)
+        return h
+
+    def head(self, h: jax.Array, *, deterministic: bool = True,
+             rngs: nnx.Rngs | KeyStream | None = None) -> jax.Array:
+        """Hidden states [..., D] -> float32 logits [..., V] (tied: the embedding's transpose)."""
+        if self.config.tie_word_embeddings:
+            emb = self.model.embed_tokens.embedding[...].astype(self.dtype)
+            return jnp.einsum("...d,vd->...v", h, emb, preferred_element_type=jnp.float32)
+        rngs = dropout_keys(deterministic, rngs)
+        return self.lm_head(h, deterministic=deterministic, rngs=rngs).astype(jnp.float32)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                 deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Causal logits [B, T, V] float32; dropout (deterministic=False) draws from `rngs`."""
+        rngs = dropout_keys(deterministic, rngs)
+        return self.head(self.hidden(input_ids, attention_mask, deterministic=deterministic, rngs=rngs),
+                         deterministic=deterministic, rngs=rngs)
+
+    def init_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """An empty cache of `max_length` slots (prompt plus new tokens)."""
+        self.check_length(max_length)
+        cfg = self.config
+        zeros = jnp.zeros((batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim), self.dtype)
+        n = cfg.num_hidden_layers
+        return KVCache(k=(zeros,) * n, v=(zeros,) * n, mask=jnp.zeros((batch_size, max_length), bool),
+                       index=jnp.zeros((), jnp.int32), next_position=jnp.zeros((batch_size,), jnp.int32))
+
+    def extend(self, input_ids: jax.Array, attention_mask: jax.Array | None,
+               cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Run T new tokens [B, T] after the cached ones -> (normed hidden [B, T, D], cache); deterministic.
+
+        The same call serves the prompt (a left-padded prefill into an empty cache) and each decoding
+        step (T = 1). Padded tokens (mask 0) take no position and are never attended to.
+        """
+        b, t = input_ids.shape
+        length = cache.mask.shape[1]
+        mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        positions = cache.next_position[:, None] + positions_from_mask(mask)
+        key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, mask, cache.index, axis=1)  # [B, L]
+        slots = jnp.arange(length)[None, :] <= cache.index + jnp.arange(t)[:, None]  # [T, L]
+        allowed = slots[None] & key_mask[:, None, :]
+        x = self.model.embed_tokens(input_ids)
+        h, ks, vs = self._layers(x, positions, mask_bias(allowed)[:, None, None], cache, deterministic=True,
+                                 rngs=None)
+        return h, KVCache(k=tuple(ks), v=tuple(vs), mask=key_mask, index=cache.index + t,
+                          next_position=cache.next_position + jnp.sum(mask, axis=1, dtype=jnp.int32))
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA utilities
+# --------------------------------------------------------------------------------------------
+
+
+def merge_lora(model: DecoderLM) -> DecoderLM:
+    """A copy of `model` without adapters whose adapted kernels are W + (alpha / r) A @ B."""
+    merged = merged_kernels(model)
+    param_dtype = model.model.embed_tokens.embedding[...].dtype
+    abstract = nnx.eval_shape(lambda: DecoderLM(model.config, lora=None, dtype=model.dtype, param_dtype=param_dtype,
+                                                rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    values = {path: v[...] for path, v in nnx.to_flat_state(nnx.state(model, nnx.Not(LoRAParam)))}
+    for path, w in merged.items():
+        values[(*path_tuple(path), "kernel")] = w
+    flat = [(path, var.replace(values[path])) for path, var in nnx.to_flat_state(state)]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))

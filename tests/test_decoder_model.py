@@ -1,0 +1,401 @@
+"""Decoder-only LMs: parity with Hugging Face's PyTorch models (goldens from tools/make_decoder_fixtures.py),
+configs, LoRA, loading errors, decoding and scoring, export round trip."""
+import dataclasses
+import json
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kif_jax.errors import ConfigError, ModelLoadError
+from kif_jax.models import LoRAConfig, LoRAParam, from_pretrained, lora_modules
+from kif_jax.models import decoder_hf
+from kif_jax.models.decoder import PRESETS, TINY_PRESETS, DecoderConfig, DecoderLM, hub_id, merge_lora, rope_inv_freq
+from kif_jax.models.decoder_generate import forward_lm, greedy_decode_lm, pad_left, score_options_lm
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+VARIANTS = ("llama", "llama3", "mistral", "qwen2", "qwen3")
+QV = LoRAConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "v_proj"))
+
+
+@pytest.fixture(autouse=True)
+def _fp32_matmuls():
+    with jax.default_matmul_precision("float32"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def models():
+    """variant -> (model, golden); loaded once for the module."""
+    return {v: (decoder_hf.load_decoder(str(FIXTURES / f"decoder_{v}")),
+                dict(np.load(FIXTURES / f"decoder_{v}.npz"))) for v in VARIANTS}
+
+
+def real_diff(got: np.ndarray, g: dict) -> float:
+    """Largest |logit difference| over the real (unpadded) positions."""
+    return float(np.abs(got - g["logits"])[g["attention_mask"].astype(bool)].max())
+
+
+# --------------------------------------------------------------------------------------------
+# Configs and presets
+# --------------------------------------------------------------------------------------------
+
+
+def test_fixture_configs_are_read_as_intended(models):
+    llama, llama3, mistral, qwen2, qwen3 = (models[v][0].config for v in VARIANTS)
+    assert (llama.num_key_value_heads, llama.rope_theta, llama.tie_word_embeddings) == (2, 5e5, False)
+    assert llama3.rope_type == "llama3" and llama3.tie_word_embeddings
+    assert (llama3.eos_token_id, llama3.eos_token_ids, llama3.pad_token_id) == (2, (2, 3), 0)
+    assert dict(llama3.rope_scaling)["original_max_position_embeddings"] == 256
+    assert (mistral.sliding_window, mistral.num_key_value_heads, mistral.head_dim) == (32, 1, 8)
+    assert qwen2.attention_bias and not qwen2.qk_norm and qwen2.sliding_window is None
+    assert qwen3.qk_norm and not qwen3.attention_bias and qwen3.head_dim == 16 != qwen3.hidden_size // 4
+    assert not hasattr(models["llama3"][0], "lm_head") and hasattr(models["llama"][0], "lm_head")
+    assert models["qwen2"][0].model.layers[1].self_attn.k_proj.use_bias
+    assert not models["qwen2"][0].model.layers[1].self_attn.o_proj.use_bias
+
+
+def test_legacy_and_transformers5_rope_keys_agree():
+    hf = json.loads((FIXTURES / "decoder_llama3" / "config.json").read_text())
+    new = DecoderConfig.from_hf(hf)
+    params = dict(hf.pop("rope_parameters"))
+    hf["rope_theta"] = params.pop("rope_theta")
+    params["type"] = params.pop("rope_type")  # the oldest spelling
+    hf["rope_scaling"] = params
+    assert DecoderConfig.from_hf(hf) == new
+    plain = DecoderConfig.from_hf({**hf, "rope_scaling": None, "rope_parameters": {"rope_theta": 1e6,
+                                                                                  "rope_type": "default"}})
+    assert plain.rope_scaling is None and plain.rope_theta == 1e6
+    assert DecoderConfig.from_hf(new.to_hf()) == new
+    tiny = TINY_PRESETS["tiny-llama-byte"]
+    assert tiny.bos_token_id is None and DecoderConfig.from_hf(json.loads(json.dumps(tiny.to_hf()))) == tiny
+    qwen = DecoderConfig.from_hf({"model_type": "qwen2", "eos_token_id": 5, "vocab_size": 10, "hidden_size": 8,
+                                  "num_attention_heads": 2, "sliding_window": 4, "use_sliding_window": False})
+    assert qwen.sliding_window is None and qwen.attention_bias and qwen.pad_token_id == 5
+
+
+def test_rope_inverse_frequencies_match_pytorch():
+    for v in VARIANTS:
+        cfg = DecoderConfig.from_json(str(FIXTURES / f"decoder_{v}" / "config.json"))
+        np.testing.assert_allclose(rope_inv_freq(cfg), np.load(FIXTURES / f"decoder_{v}.npz")["inv_freq"],
+                                   rtol=1e-6, err_msg=v)
+    cfg = DecoderConfig.from_json(str(FIXTURES / "decoder_llama3" / "config.json"))
+    base = rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None))
+    scaled = rope_inv_freq(cfg)
+    ratio = base / scaled
+    assert ratio[0] == 1.0 and 1.0 < ratio[2] < 8.0 and np.allclose(ratio[3:], 8.0)  # all three bands
+    factors = tuple(float(r) for r in ratio)  # GGUF's rope_freqs hold exactly these ratios
+    gguf_style = dataclasses.replace(cfg, rope_scaling=None, rope_freq_factors=factors)
+    np.testing.assert_allclose(rope_inv_freq(gguf_style), scaled, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(num_key_value_heads=3), "num_key_value_heads"),
+    (dict(model_type="gpt2"), "model_type"),
+    (dict(hidden_size=0), "hidden_size"),
+    (dict(head_dim=7), "head_dim"),
+    (dict(eos_token_id=400), "eos_token_id"),
+    (dict(pad_token_id=-1), "pad_token_id"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling"),
+    (dict(rope_freq_factors=(1.0, 2.0)), "rope_freq_factors"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(attention_dropout=1.0), "attention_dropout"),
+    (dict(sliding_window=0), "sliding_window"),
+])
+def test_config_validation_names_the_field(fields, match):
+    base = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    with pytest.raises(ConfigError, match=match):
+        DecoderConfig(**{**base, **fields})
+
+
+def test_from_hf_errors_are_one_line():
+    with pytest.raises(ConfigError, match="model_type"):
+        DecoderConfig.from_hf({"model_type": "t5"})
+    with pytest.raises(ConfigError, match="mlp_bias"):
+        DecoderConfig.from_hf({"model_type": "llama", "mlp_bias": True})
+    with pytest.raises(ConfigError, match="rope_scaling"):
+        DecoderConfig.from_hf({"model_type": "llama", "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+    with pytest.raises(ConfigError, match="num_hidden_layers"):
+        DecoderConfig.from_hf({"model_type": "llama", "num_hidden_layers": "two"})
+
+
+def test_presets():
+    assert PRESETS["llama-2-7b"] == "meta-llama/Llama-2-7b-hf"
+    assert PRESETS["llama-2-13b-chat"] == "meta-llama/Llama-2-13b-chat-hf"
+    assert PRESETS["qwen3-0.6b"] == "Qwen/Qwen3-0.6B"
+    assert PRESETS["smollm2-135m-instruct"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert {"llama-3.2-1b", "llama-3.1-8b", "mistral-7b-v0.1", "qwen2.5-0.5b", "qwen2.5-7b-instruct",
+            "qwen3-8b", "smollm2-1.7b"} <= set(PRESETS)
+    tiny = TINY_PRESETS["tiny-llama-byte"]
+    assert (tiny.vocab_size, tiny.pad_token_id, tiny.eos_token_id, tiny.hidden_size, tiny.num_hidden_layers,
+            tiny.num_attention_heads, tiny.num_key_value_heads, tiny.intermediate_size) == (259, 0, 1, 64, 2, 4, 2, 128)
+    assert hub_id("tiny-llama-byte") is None
+    with pytest.raises(ConfigError, match="unknown decoder preset"):
+        hub_id("llama-9")
+
+
+# --------------------------------------------------------------------------------------------
+# Parity with PyTorch
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_and_greedy_match_pytorch(models, variant):
+    model, g = models[variant]
+    got = np.asarray(forward_lm(model, g["input_ids"], g["attention_mask"]))
+    assert got.dtype == np.float32 and got.shape == g["logits"].shape
+    diff = real_diff(got, g)
+    assert diff <= 1e-4, f"{variant}: max |logit diff| {diff}"
+    assert g["greedy_min_margin"] > 10 * 1e-4  # no near-tie that float noise could flip
+    out = greedy_decode_lm(model, g["input_ids"], g["attention_mask"], max_new_tokens=g["greedy"].shape[1])
+    assert out.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(out), g["greedy"], err_msg=variant)
+
+
+def test_greedy_stops_at_eos_and_pads_after_it(models):
+    _, g = models["llama"]
+    eos, pad = 2, 0
+    rows = g["greedy"]
+    assert rows[0, 0] == eos and (rows[0, 1:] == pad).all()  # EOS kept, pad after it
+    assert rows[1, 4] == eos and rows[1, 5] == pad  # every row done before the end: early exit
+
+
+def test_left_padded_row_equals_unpadded(models):
+    model, g = models["qwen3"]
+    n = int(g["attention_mask"][2].sum())
+    alone = np.asarray(forward_lm(model, g["input_ids"][2:, -n:], None))[0]
+    padded = np.asarray(forward_lm(model, g["input_ids"], g["attention_mask"]))[2, -n:]
+    assert np.abs(alone - padded).max() <= 1e-5
+    assert np.abs(alone - g["logits"][2, -n:]).max() <= 1e-4
+
+
+def test_kv_cache_prefill_and_steps_equal_the_full_forward(models):
+    model, g = models["mistral"]
+    ids, mask = jnp.asarray(g["input_ids"]), jnp.asarray(g["attention_mask"])
+    nxt = jnp.asarray([[5, 7], [9, 0], [0, 3]])  # pad id 0 used as a real token
+
+    @nnx.jit
+    def run(model):
+        cache = model.init_cache(3, ids.shape[1] + 2)
+        _, cache = model.extend(ids, mask, cache)
+        h1, cache = model.extend(nxt[:, :1], None, cache)
+        h2, _ = model.extend(nxt[:, 1:], None, cache)
+        full = model(jnp.concatenate([ids, nxt], 1), jnp.concatenate([mask, jnp.ones_like(nxt)], 1))
+        return model.head(h1)[:, 0], model.head(h2)[:, 0], full
+
+    step1, step2, full = run(model)
+    assert np.abs(step1 - full[:, -2]).max() <= 1e-5
+    assert np.abs(step2 - full[:, -1]).max() <= 1e-5
+
+
+def test_mistral_refuses_sequences_over_its_sliding_window(models):
+    model, g = models["mistral"]
+    with pytest.raises(ConfigError, match="sliding_window"):
+        model(jnp.ones((1, 33), jnp.int32))
+    with pytest.raises(ConfigError, match="sliding_window"):
+        greedy_decode_lm(model, g["input_ids"], g["attention_mask"], max_new_tokens=23)  # 10 + 23 > 32
+
+
+def test_score_options_equals_the_concatenated_forward(models):
+    model, g = models["qwen2"]
+    ids, mask = g["input_ids"], g["attention_mask"]
+    options = [[[0, 5, 9], [7, 0, 0]], [[11], [12, 13, 14]], [[2, 3], [0]]]  # 0 is pad and a real token
+    t = 3
+    option_ids = np.zeros((3, 2, t), np.int32)
+    option_mask = np.zeros((3, 2, t), np.int32)
+    for b, row in enumerate(options):
+        for c, opt in enumerate(row):
+            option_ids[b, c, :len(opt)] = opt
+            option_mask[b, c, :len(opt)] = 1
+    got = np.asarray(score_options_lm(model, ids, mask, option_ids, option_mask))
+    assert got.shape == (3, 2) and got.dtype == np.float32
+    # The reference: every prompt + option as one left-padded sequence, through the plain forward.
+    pairs = [(b, c) for b in range(3) for c in range(2)]
+    rows = [list(ids[b][mask[b].astype(bool)]) + options[b][c] for b, c in pairs]
+    seqs, seq_mask = pad_left(rows, max(map(len, rows)), pad_id=0)
+    logp = np.asarray(jax.nn.log_softmax(forward_lm(model, seqs, seq_mask), axis=-1))
+    for r, (b, c) in enumerate(pairs):
+        opt, end = options[b][c], seqs.shape[1]
+        want = sum(logp[r, end - len(opt) - 1 + j, tok] for j, tok in enumerate(opt))
+        assert abs(got[b, c] - want) <= 1e-4, (b, c, got[b, c], want)
+
+
+def test_pad_left():
+    ids, mask = pad_left([[5, 6, 7], [8], [], [1, 2, 3, 4, 5]], 4, pad_id=0, batch_size=5)
+    np.testing.assert_array_equal(ids, [[0, 5, 6, 7], [0, 0, 0, 8], [0, 0, 0, 0], [2, 3, 4, 5], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(mask, [[0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 1], [1, 1, 1, 1], [0, 0, 0, 1]])
+
+
+# --------------------------------------------------------------------------------------------
+# bfloat16, sharded checkpoints, loading errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_bf16_sharded_load():
+    directory = FIXTURES / "decoder_llama_bf16"
+    assert len(list(directory.glob("*.safetensors"))) == 2 and (directory / "model.safetensors.index.json").exists()
+    g = dict(np.load(FIXTURES / "decoder_llama_bf16.npz"))
+    exact = decoder_hf.load_decoder(str(directory))  # bf16 weights read into float32: the golden exactly
+    assert real_diff(np.asarray(forward_lm(exact, g["input_ids"], g["attention_mask"])), g) <= 1e-4
+    model = decoder_hf.load_decoder(str(directory), dtype=jnp.bfloat16)
+    assert model.model.embed_tokens.embedding[...].dtype == jnp.bfloat16
+    assert model.model.layers[1].mlp.down_proj.kernel[...].dtype == jnp.bfloat16
+    assert model.lm_head.kernel[...].dtype == jnp.bfloat16
+    got = np.asarray(forward_lm(model, g["input_ids"], g["attention_mask"]))
+    assert got.dtype == np.float32
+    spread = np.abs(g["logits"][g["attention_mask"].astype(bool)]).max()
+    assert real_diff(got, g) <= 0.05 * spread
+
+
+def test_from_pretrained_dispatches_decoder_checkpoints():
+    model = from_pretrained(str(FIXTURES / "decoder_qwen3"))
+    assert isinstance(model, DecoderLM) and model.config.model_type == "qwen3"
+
+
+def test_loader_collects_every_problem(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    directory = tmp_path / "broken"
+    shutil.copytree(FIXTURES / "decoder_llama", directory)
+    tensors = load_file(str(directory / "model.safetensors"))
+    tensors["model.layers.0.mlp.upp_proj.weight"] = tensors.pop("model.layers.0.mlp.up_proj.weight")
+    tensors["model.layers.1.self_attn.q_proj.weight"] = tensors["model.layers.1.self_attn.q_proj.weight"][:-1]
+    save_file(tensors, str(directory / "model.safetensors"))
+    with pytest.raises(ModelLoadError) as err:
+        decoder_hf.load_decoder(str(directory))
+    msg = str(err.value)
+    assert "model.layers.0.mlp.upp_proj.weight" in msg and "model.layers.1.self_attn.q_proj.weight" in msg
+    assert "model.layers.0.mlp.up_proj.kernel" in msg  # and the parameter left without a tensor
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        decoder_hf.load_decoder(str(tmp_path / "missing.gguf"))
+
+
+def test_tied_head_copies_are_ignored_and_distinct_heads_untie(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    for name, head in (("same", None), ("distinct", 0.5)):
+        directory = tmp_path / name
+        shutil.copytree(FIXTURES / "decoder_qwen2", directory)
+        tensors = load_file(str(directory / "model.safetensors"))
+        emb = tensors["model.embed_tokens.weight"]
+        tensors["lm_head.weight"] = emb.copy() if head is None else emb * head
+        tensors["model.rotary_emb.inv_freq"] = np.ones(4, np.float32)  # a stored RoPE buffer is ignored
+        save_file(tensors, str(directory / "model.safetensors"))
+        model = decoder_hf.load_decoder(str(directory))
+        assert model.config.tie_word_embeddings == (head is None)
+        if head is not None:
+            np.testing.assert_array_equal(np.asarray(model.lm_head.kernel[...]), (emb * head).T)
+
+
+class _DictReader:
+    """The reader interface (as a GGUF checkpoint offers it) over an in-memory dict."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def names(self):
+        return sorted(self.tensors)
+
+    def shape(self, name):
+        return tuple(self.tensors[name].shape)
+
+    def dtype(self, name):
+        return "F32"
+
+    def get(self, name):
+        return self.tensors[name]
+
+
+def test_any_reader_with_the_interface_loads(models):
+    from safetensors.numpy import load_file
+
+    model, _ = models["llama3"]
+    tensors = load_file(str(FIXTURES / "decoder_llama3" / "model.safetensors"))
+    other = decoder_hf.load_from_reader(model.config, _DictReader(tensors), dtype=jnp.bfloat16)
+    want = nnx.to_flat_state(nnx.state(model))
+    got = dict(nnx.to_flat_state(nnx.state(other)))
+    for path, var in want:
+        assert got[path][...].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(got[path][...]), np.asarray(var[...].astype(jnp.bfloat16)))
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA
+# --------------------------------------------------------------------------------------------
+
+
+def test_lora_split_holds_only_targeted_adapters():
+    model = decoder_hf.load_decoder(str(FIXTURES / "decoder_qwen3"), lora=QV, seed=3)
+    graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)
+    lora_paths = {tuple(p) for p, _ in nnx.to_flat_state(lora)}
+    want = {("model", "layers", i, "self_attn", proj, ab) for i in range(2) for proj in ("q_proj", "v_proj")
+            for ab in ("lora_a", "lora_b")}
+    assert lora_paths == want
+    assert not any(isinstance(v, LoRAParam) for _, v in nnx.to_flat_state(frozen))
+    assert lora_modules(model) == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    for p, v in nnx.to_flat_state(lora):
+        assert v[...].dtype == jnp.float32
+        if p[-1] == "lora_b":
+            assert not np.asarray(v[...]).any()
+    with pytest.raises(ConfigError, match="matches no projection"):
+        DecoderLM(TINY_PRESETS["tiny-llama-byte"], lora=LoRAConfig(targets=("query",)), rngs=nnx.Rngs(0))
+
+
+def test_lora_zero_b_is_bit_identical_and_random_ab_equals_merged(models):
+    base, g = models["llama"]
+    model = decoder_hf.load_decoder(str(FIXTURES / "decoder_llama"), lora=QV, seed=1)
+    ids, mask = g["input_ids"], g["attention_mask"]
+    np.testing.assert_array_equal(np.asarray(forward_lm(model, ids, mask)), np.asarray(forward_lm(base, ids, mask)))
+    rng = np.random.default_rng(0)
+    for _, m in nnx.iter_graph(model):
+        if getattr(m, "has_lora", False):
+            m.lora_b[...] = jnp.asarray(rng.normal(0.0, 0.2, m.lora_b[...].shape), jnp.float32)
+    adapted = np.asarray(forward_lm(model, ids, mask))
+    merged = np.asarray(forward_lm(merge_lora(model), ids, mask))
+    real = mask.astype(bool)
+    assert np.abs(adapted - merged)[real].max() <= 1e-4
+    assert np.abs(adapted - g["logits"])[real].max() > 1e-2  # the adapters changed the model
+
+
+def test_dropout_comes_from_the_call_rngs():
+    cfg = dataclasses.replace(TINY_PRESETS["tiny-llama-byte"], attention_dropout=0.2)
+    model = DecoderLM(cfg, lora=LoRAConfig(dropout=0.3, targets=("q_proj", "v_proj", "lm_head")), rngs=nnx.Rngs(0))
+    ids = jnp.asarray([[5, 6, 7, 8]])
+    a = model(ids, deterministic=False, rngs=nnx.Rngs(dropout=1))
+    b = model(ids, deterministic=False, rngs=nnx.Rngs(dropout=1))
+    c = model(ids, deterministic=False, rngs=nnx.Rngs(dropout=2))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.abs(np.asarray(a) - np.asarray(c)).max() > 0
+    assert np.abs(np.asarray(a) - np.asarray(model(ids))).max() > 0
+    with pytest.raises(ValueError, match="rngs"):
+        model(ids, deterministic=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+
+
+def test_save_pretrained_round_trip(models, tmp_path):
+    _, g = models["llama"]
+    model = decoder_hf.load_decoder(str(FIXTURES / "decoder_llama"), lora=QV, seed=2)
+    rng = np.random.default_rng(1)
+    for _, m in nnx.iter_graph(model):
+        if getattr(m, "has_lora", False):
+            m.lora_b[...] = jnp.asarray(rng.normal(0.0, 0.2, m.lora_b[...].shape), jnp.float32)
+    decoder_hf.save_pretrained(model, str(tmp_path / "out"))
+    back = decoder_hf.load_decoder(str(tmp_path / "out"))
+    assert back.config == model.config
+    ids, mask = g["input_ids"], g["attention_mask"]
+    want = np.asarray(forward_lm(merge_lora(model), ids, mask))
+    np.testing.assert_allclose(np.asarray(forward_lm(back, ids, mask)), want, atol=1e-6)
+    # Tied head, llama3 rope scaling and two stop ids survive the round trip too (no lm_head written).
+    tied, _ = models["llama3"]
+    decoder_hf.save_pretrained(tied, str(tmp_path / "tied"))
+    assert "lm_head.weight" not in decoder_hf.to_hf_state_dict(tied)
+    assert decoder_hf.load_decoder(str(tmp_path / "tied")).config == tied.config
