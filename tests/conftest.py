@@ -25,6 +25,18 @@ import pytest  # noqa: E402
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--skip-slow", action="store_true", help="leave out tests marked slow (real-model tests)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--skip-slow"):
+        skip = pytest.mark.skip(reason="--skip-slow given")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)
+
+
 def benchmark_dir() -> pathlib.Path:
     """The shared benchmark: $KIF_DATA_DIR, else ../shared/cl_benchmark beside the repo."""
     return pathlib.Path(os.environ.get("KIF_DATA_DIR", REPO_ROOT.parent / "shared" / "cl_benchmark"))
