@@ -212,3 +212,13 @@ def test_sigkilled_decoder_run_resumes_to_the_identical_result(checkpoint, tmp_p
         got = json.loads((killed_dir / method / "results.json").read_text())
         assert got["accuracy_matrix"] == want["accuracy_matrix"]
         assert training_record(killed_dir, method) == training_record(tmp_path / "reference", method)
+
+
+def test_generate_texts_serves_the_decoder_family():
+    model = DecoderLM(TINY, rngs=nnx.Rngs(5))
+    texts = ["ab\nAnswer:", "a much longer prompt\nAnswer:"]
+    got = models.generate_texts(model, BYTES, texts, batch_size=4, max_input_length=32, max_new_tokens=5)
+    for text, answer in zip(texts, got):
+        ids = np.asarray([[b + 3 for b in text.encode()]], np.int32)
+        alone = np.asarray(greedy_decode_lm(model, ids, np.ones_like(ids), max_new_tokens=5))
+        assert answer == BYTES.decode(alone[0].tolist())

@@ -41,3 +41,19 @@ def from_pretrained(path_or_hub_id: str, *, dtype: Any = jnp.float32, lora: LoRA
         return decoder_hf.load_decoder(directory, dtype=dtype, lora=lora, seed=seed)
     raise ModelLoadError(f"{directory}: model_type {model_type!r} is not supported; "
                          f"known: {', '.join(T5_TYPES + DECODER_TYPES)}")
+
+
+def save_pretrained(model: Any, directory: str) -> None:
+    """Write `config.json` and `model.safetensors` (LoRA merged) in Hugging Face's format, for either family."""
+    from kif_jax.models import decoder_hf, t5_hf
+    from kif_jax.models.t5 import T5
+
+    (t5_hf if isinstance(model, T5) else decoder_hf).save_pretrained(model, directory)
+
+
+def to_hf_state_dict(model: Any) -> dict:
+    """Hugging Face names -> numpy arrays (LoRA merged), for either family."""
+    from kif_jax.models import decoder_hf, t5_hf
+    from kif_jax.models.t5 import T5
+
+    return (t5_hf if isinstance(model, T5) else decoder_hf).to_hf_state_dict(model)
