@@ -115,6 +115,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 32  # test examples per decoding batch
     c.eval.max_examples_per_task = 0  # 0 = the whole test set
     c.eval.max_new_tokens = 8  # greedy decoding length (labels are a few tokens)
+    # "generate": greedy decoding + exact match (the paper's metric, may produce no valid label);
+    # "score": the label option with the highest log-likelihood (always a valid label; faster)
+    c.eval.mode = "generate"
     c.eval.all_tasks = False  # also evaluate unseen tasks (fills R above the diagonal; enables FWT)
 
     c.checkpoint = ml_collections.ConfigDict()
@@ -130,6 +133,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.trainable": ("lora", "all"),
     "model.prompt_template": ("none", "alpaca", "chat"),
+    "eval.mode": ("generate", "score"),
     "model.tiny.feed_forward_proj": ("relu", "gated-gelu"),
     "train.on_nonfinite": ("stop", "skip"),
     "train.prng_impl": ("rbg", "threefry"),

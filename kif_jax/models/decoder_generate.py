@@ -124,7 +124,7 @@ def score_options_lm(model: DecoderLM, input_ids: jax.Array, attention_mask: jax
         raise ValueError(f"option_ids must be [B, C, T] with B={input_ids.shape[0]}, got {option_ids.shape}")
     if option_mask.shape != option_ids.shape:
         raise ValueError(f"option_mask {option_mask.shape} does not match option_ids {option_ids.shape}")
-    if not bool(np.all(np.asarray(mask)[:, -1])):
+    if not isinstance(mask, jax.core.Tracer) and not bool(np.all(np.asarray(mask)[:, -1])):
         raise ValueError("score_options_lm needs LEFT-padded prompts: the last column of attention_mask must be 1")
     model.check_length(input_ids.shape[1] + option_ids.shape[2])
     graphdef, state = nnx.split(model)

@@ -37,6 +37,10 @@ class ModelFamily(Protocol):
                max_new_tokens: int) -> jax.Array:
         """Greedy continuation int32 [B, max_new_tokens] of a decoding batch (traceable under jit)."""
 
+    def score(self, model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array, option_ids: jax.Array,
+              option_mask: jax.Array) -> jax.Array:
+        """Summed log-likelihood float32 [B, C] of each option [B, C, T] (mask: real option tokens)."""
+
 
 def _masked_mean_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     mask = labels != IGNORE_INDEX
@@ -67,6 +71,19 @@ class Seq2SeqFamily:
 
         return greedy_decode(model, input_ids, attention_mask, max_new_tokens=max_new_tokens)
 
+    def score(self, model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array, option_ids: jax.Array,
+              option_mask: jax.Array) -> jax.Array:
+        from kif_jax.models.t5 import shift_right
+
+        b, c, t = option_ids.shape
+        cfg = model.config
+        enc = jnp.repeat(model.encode(input_ids, attention_mask), c, axis=0)  # [B*C, S, D], encoder once
+        labels = option_ids.reshape(b * c, t)
+        logits = model.decode(shift_right(labels, cfg.decoder_start_token_id, cfg.pad_token_id), enc,
+                              jnp.repeat(attention_mask, c, axis=0))  # [B*C, T, V]
+        picked = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[..., None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(option_mask.reshape(b * c, t), picked, 0.0), axis=-1).reshape(b, c)
+
 
 class CausalFamily:
     """Decoder-only LLMs: prompt + label + EOS in one sequence, loss on the label and EOS only."""
@@ -92,6 +109,12 @@ class CausalFamily:
         from kif_jax.models.decoder_generate import greedy_decode_lm
 
         return greedy_decode_lm(model, input_ids, attention_mask, max_new_tokens=max_new_tokens)
+
+    def score(self, model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array, option_ids: jax.Array,
+              option_mask: jax.Array) -> jax.Array:
+        from kif_jax.models.decoder_generate import score_options_lm
+
+        return score_options_lm(model, input_ids, attention_mask, option_ids, option_mask)
 
 
 # --------------------------------------------------------------------------------------------

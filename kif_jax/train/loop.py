@@ -89,6 +89,11 @@ class RunContext:
 
         return self.tokenized(("test", task), records)
 
+    def accuracy(self, params: Any, task: str) -> float:
+        """Test accuracy of `params` on `task` (generated text, or the best-scored label option)."""
+        options = kdata.task_labels(self.data_dir, task) if self.evaluator.mode == "score" else None
+        return self.evaluator.accuracy(params, self.frozen, self.test_set(task), options)
+
     def memory(self, tasks: Sequence[str]) -> TokenizedDataset:
         c = self.config
         return self.tokenized(("memory", tuple(tasks)), lambda: kdata.memory_buffer(
@@ -213,7 +218,7 @@ class MethodRun:
 
         if self.zero_shot is None and c.eval.all_tasks and not self.method.joint:
             t0 = time.perf_counter()
-            self.zero_shot = [ctx.evaluator.accuracy(params, ctx.frozen, ctx.test_set(t)) for t in ctx.tasks]
+            self.zero_shot = [ctx.accuracy(params, t) for t in ctx.tasks]
             self.timing["eval_s"] += time.perf_counter() - t0
 
         for phase in range(start_phase, len(self.phases)):
@@ -257,7 +262,7 @@ class MethodRun:
         seen = len(ctx.tasks) if self.method.joint else phase + 1
         columns = range(len(ctx.tasks)) if self.config.eval.all_tasks else range(seen)
         for j in columns:
-            self.R[row, j] = ctx.evaluator.accuracy(params, ctx.frozen, ctx.test_set(ctx.tasks[j]))
+            self.R[row, j] = ctx.accuracy(params, ctx.tasks[j])
 
     def train_phase(self, phase: int, state: TrainState | None, params: Any, iterator_state: dict | None,
                     writer: MetricsWriter, ckpt: RunCheckpointer) -> TrainState:
@@ -386,7 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                         max_grad_norm=c.train.max_grad_norm, weight_decay=c.train.weight_decay,
                         outer_lr=c.kif.outer_lr, prng_impl=c.train.prng_impl)
     evaluator = Evaluator(graphdef, family, tokenizer, batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens,
-                          mesh=mesh)
+                          mesh=mesh, mode=c.eval.mode, max_target_length=c.train.max_target_length)
     ctx = RunContext(config=c, workdir=workdir, data_dir=data_dir, tasks=tasks, tokenizer=tokenizer, family=family,
                      graphdef=graphdef, init_params=replicate(params, mesh), frozen=replicate(frozen, mesh),
                      mesh=mesh, programs=programs, evaluator=evaluator, fingerprint=config_fingerprint(c))
