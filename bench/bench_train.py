@@ -120,6 +120,16 @@ def main() -> None:
     ids = rng.integers(3, config.vocab_size, size=(args.eval_batch, args.input_len)).astype(np.int32)
     decode_s = timed(lambda: jax.block_until_ready(decode(lora, frozen, ids, np.ones_like(ids))), args.cycles)
 
+    forward = jax.jit(lambda l, f, b: family.token_loss(nnx.merge(graphdef, l, f), b, key=None)[0])
+    first_inner = jax.tree.map(lambda x: x[0, 0], inner)
+    forward_s = timed(lambda: jax.block_until_ready(forward(lora, frozen, first_inner)), args.cycles)
+
+    # Option scoring (eval.mode "score") of 4 candidate labels of target-len tokens, vs greedy decoding.
+    options = rng.integers(3, config.vocab_size, size=(args.eval_batch, 4, args.target_len)).astype(np.int32)
+    score = jax.jit(lambda l, f, ids, mask, o, om: family.score(nnx.merge(graphdef, l, f), ids, mask, o, om))
+    score_s = timed(lambda: jax.block_until_ready(score(lora, frozen, ids, np.ones_like(ids), options,
+                                                        np.ones_like(options))), args.cycles)
+
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; {args.model}, LoRA values: {n_lora:,}; "
           f"batch {args.batch} x ({args.input_len} + {args.target_len}) tokens")
     print(f"inner step (SeqLoRA cycle / {Q}): {seq_s / Q * 1e3:8.1f} ms  {Q * tokens_per_step / seq_s:10,.0f} tokens/s")
@@ -127,8 +137,11 @@ def main() -> None:
     print(f"fusion (exact, global):        {fuse_s * 1e3:8.2f} ms")
     print(f"Recurrent-KIF cycle / SeqLoRA {Q} steps: {kif_s:.2f} s / {seq_s:.2f} s; median paired ratio "
           f"{ratio:.3f} over {args.cycles} pairs (floor {(Q + M) / Q:.2f})")
+    print(f"forward (loss, no gradient):   {forward_s * 1e3:8.1f} ms  {tokens_per_step / forward_s:10,.0f} tokens/s")
     print(f"greedy decoding: {args.eval_batch / decode_s:,.1f} examples/s "
-          f"(batch {args.eval_batch}, {args.target_len} new tokens)")
+          f"(batch {args.eval_batch}, {args.target_len} new tokens, no early stop on random weights)")
+    print(f"option scoring:  {args.eval_batch / score_s:,.1f} examples/s (4 options of {args.target_len} tokens); "
+          f"{decode_s / score_s:.2f}x greedy decoding")
 
 
 if __name__ == "__main__":
