@@ -2,6 +2,9 @@
 
     python main.py                                   # offline demo (configs/demo.py)
     python main.py --config=configs/t5_large.py --workdir=runs/t5_large --config.order=2
+
+Exit codes: 0 done; 2 a user error (one line); 75 preempted by SIGTERM / SIGINT after saving a
+checkpoint (run the same command to resume).
 """
 import pathlib
 import sys

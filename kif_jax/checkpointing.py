@@ -1,18 +1,22 @@
 """Orbax checkpoints of a method's run: the training state, plus JSON metadata (position, results, config).
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a run
-killed at any moment leaves the previous checkpoints intact; the manager keeps the last `keep`.
+killed at any moment leaves the previous checkpoints intact; the manager keeps the last `keep` and
+removes unfinished temporary directories when it opens. A resumed run takes the newest intact
+checkpoint: an unreadable one is set aside (into `<directory>.unreadable/`) with one warning line.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 
 from kif_jax.errors import CheckpointError
 
@@ -38,11 +42,56 @@ class RunCheckpointer:
     def __init__(self, directory: pathlib.Path, *, keep: int, fingerprint: str) -> None:
         self.directory = pathlib.Path(directory).absolute()
         self.fingerprint = fingerprint
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
+                                               cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def has(self, step: int) -> bool:
+        return step in self.manager.all_steps()
+
+    def restore_latest(self, like_fn: Callable[[dict], Any]) -> tuple[int, dict, Any] | None:
+        """The newest intact checkpoint as (step, metadata, state), or None when there is none yet.
+
+        `like_fn(meta)` gives the state's structure. An unreadable checkpoint is set aside with one
+        warning line and the next older one is tried; a readable one from another config is refused.
+        """
+        unreadable: dict[int, str] = {}
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                meta = self.restore_meta(step)
+                state = self.restore_state(step, like_fn(meta))
+            except _Unreadable as err:
+                unreadable[step] = err.cause
+                continue
+            if unreadable:
+                aside = self._set_aside(list(unreadable))
+                for bad, cause in unreadable.items():
+                    logging.warning("checkpoint %s/%d is unreadable (%s): moved to %s; resuming from checkpoint %d",
+                                    self.directory, bad, cause, aside, step)
+            return step, meta, state
+        if unreadable:
+            listed = ", ".join(f"{step} ({cause})" for step, cause in unreadable.items())
+            raise CheckpointError(f"no intact checkpoint in {self.directory}: {listed} unreadable; "
+                                  "delete the directory to start this method over")
+        return None
+
+    def _set_aside(self, steps: list[int]) -> pathlib.Path:
+        """Move unreadable checkpoints out of the manager's directory, so new saves can reuse their ids."""
+        aside = self.directory.with_name(self.directory.name + ".unreadable")
+        if jax.process_index() == 0:
+            aside.mkdir(exist_ok=True)
+            for step in steps:
+                target, n = aside / str(step), 1
+                while target.exists():
+                    target, n = aside / f"{step}.{n}", n + 1
+                (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("kif_jax_set_aside_checkpoints")
+        self.manager.reload()
+        return aside
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         meta = dict(meta, config_fingerprint=self.fingerprint)
@@ -55,8 +104,8 @@ class RunCheckpointer:
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as exc:  # orbax raises many types for unreadable files
-            raise CheckpointError(f"checkpoint {self.directory}/{step} is unreadable ({type(exc).__name__}); "
-                                  "delete it to restart from the previous one") from exc
+            raise _Unreadable(f"checkpoint {self.directory}/{step} is unreadable ({type(exc).__name__})",
+                              cause=type(exc).__name__) from exc
         if meta.get("config_fingerprint") != self.fingerprint:
             raise CheckpointError(
                 f"checkpoint {self.directory}/{step} was written under a different config; "
@@ -69,9 +118,18 @@ class RunCheckpointer:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         except Exception as exc:
-            raise CheckpointError(f"checkpoint {self.directory}/{step} is unreadable or does not match the "
-                                  f"model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+            cause = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+            raise _Unreadable(f"checkpoint {self.directory}/{step} is unreadable or does not match the model "
+                              f"({cause})", cause=cause) from exc
         return restored["state"]
 
     def close(self) -> None:
         self.manager.close()
+
+
+class _Unreadable(CheckpointError):
+    """A checkpoint that cannot be read (corrupt, partial, or of another state structure)."""
+
+    def __init__(self, message: str, *, cause: str) -> None:
+        super().__init__(message)
+        self.cause = cause

@@ -89,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.select_dev_examples = 25  # dev examples of every task seen so far used for selection
     c.train.on_nonfinite = "stop"  # "stop": fail naming task and step; "skip": drop that step
     c.train.prng_impl = "rbg"  # dropout bits: "rbg" (XLA RngBitGenerator, fast to compile) or "threefry"
+    # Recompute each layer's activations in the backward pass (long inputs): "none", "full" (keep only
+    # the layer inputs), "dots" or "dots_with_no_batch_dims" (keep matmul outputs; jax.checkpoint_policies)
+    c.train.remat = "none"
 
     c.kif = ml_collections.ConfigDict()
     c.kif.inner_steps = 8  # Q: inner optimizer steps per fusion cycle
@@ -100,7 +103,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.kif.order = "first"  # importance: "first" |p*g|, "second" |p*g|^2, "mix"
     c.kif.score = "sens_x_unc"  # "sens_x_unc" (reference: S*U) or "sens" (paper: S)
     c.kif.scope = "global"  # threshold over "global" (reference), "per_tensor" or "per_factor"
-    c.kif.method = "exact"  # threshold: "exact" quantile (sort), or "bisect" (counting, same value, no gather)
+    # Threshold of replicated scores: "exact" quantile (sort) or "bisect" (32 counting passes, same
+    # value). Sharded scores (sharding.fsdp/tensor_parallelism > 1) always use "bisect": it never
+    # gathers them, and both give the same masks (kif_jax/core/thresholds.py says why).
+    c.kif.method = "exact"
     c.kif.scheme = "reference"  # fusion weights: "reference", "binary" (paper) or "no_share"
     c.kif.importance_params = "updated"  # p in |p*g|: "updated" (reference: after the step) or "current"
     c.kif.reset_inner = True  # clear inner importance after every fusion (reference)
@@ -125,7 +131,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 2  # checkpoints kept per method
 
     c.sharding = ml_collections.ConfigDict()
-    c.sharding.num_devices = 0  # devices on the data axis; 0 = all local devices
+    # The device mesh (data, fsdp, tensor); kif_jax/sharding.py maps parameter axes onto it.
+    c.sharding.num_devices = 0  # devices used; 0 = all devices
+    c.sharding.data_parallelism = -1  # batch rows split, parameters replicated; -1 = the remaining devices
+    c.sharding.fsdp_parallelism = 1  # batch rows split AND every state split on its hidden-size axis (FSDP)
+    c.sharding.tensor_parallelism = 1  # Megatron-style: heads, MLP and vocabulary axes split
     return c
 
 
@@ -137,6 +147,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.tiny.feed_forward_proj": ("relu", "gated-gelu"),
     "train.on_nonfinite": ("stop", "skip"),
     "train.prng_impl": ("rbg", "threefry"),
+    "train.remat": ("none", "full", "dots", "dots_with_no_batch_dims"),
     "kif.order": ("first", "second", "mix"),
     "kif.score": ("sens_x_unc", "sens"),
     "kif.scope": ("global", "per_tensor", "per_factor"),
@@ -223,6 +234,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                  "sharding.num_devices", "order"):
         if given[name] < 0:
             raise ConfigError(f"config field '{name}' must not be negative, got {given[name]}")
+    axes = ("sharding.data_parallelism", "sharding.fsdp_parallelism", "sharding.tensor_parallelism")
+    for name in axes:
+        if given[name] == 0 or given[name] < -1:
+            raise ConfigError(f"config field '{name}' must be a positive integer or -1, got {given[name]}")
+    if sum(given[name] == -1 for name in axes) > 1:
+        raise ConfigError(f"config fields {', '.join(n for n in axes if given[n] == -1)}: at most one may be -1")
     if not config.data_dir:
         raise ConfigError("config field 'data_dir' is empty: give a benchmark directory or 'synthetic'")
     if config.data_dir != SYNTHETIC_DATA and not pathlib.Path(config.data_dir).is_dir():

@@ -32,6 +32,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from kif_jax.core.tree import PyTree, Scope, leaf_groups
 
@@ -102,9 +103,20 @@ def _count_le(k: jax.Array, ref: jax.Array) -> jax.Array:
     return jnp.sum(k <= ref, dtype=jnp.uint32)
 
 
+def _replicated(x: jax.Array) -> jax.Array:
+    """x gathered onto every device where its mesh axes are explicit (a reshape of a sharded axis is
+    a typing error there); on auto meshes and single devices x unchanged (the compiler gathers)."""
+    sharding = jax.typeof(x).sharding
+    mesh = getattr(sharding, "mesh", None)
+    explicit = mesh is not None and not mesh.empty and any(t == AxisType.Explicit for t in mesh.axis_types)
+    if not explicit or all(p is None for p in sharding.spec):
+        return x
+    return jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec()))
+
+
 def _exact(xs: list[jax.Array], q: float) -> jax.Array:
-    """Linear quantile of one group by concatenation and sort."""
-    x = jnp.sort(jnp.concatenate([jnp.ravel(x) for x in xs]))
+    """Linear quantile of one group by concatenation and sort (gathers a sharded group)."""
+    x = jnp.sort(jnp.concatenate([jnp.ravel(_replicated(x)) for x in xs]))
     i, j, t = _positions(x.size, q)
     return _lerp(x[i], x[j], jnp.float32(t), jnp.float32(1.0 - t))
 

@@ -33,6 +33,7 @@ from kif_jax.models.layers import (
     mask_bias,
     merged_kernels,
     path_tuple,
+    remat_layer,
 )
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -392,15 +393,17 @@ class Attention(nnx.Module):
         d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         common = dict(std=cfg.initializer_range, lora=lora, dtype=dtype, param_dtype=param_dtype, keys=keys)
         bias = cfg.attention_bias
-        self.q_proj = Dense(d, h * hd, path=f"{path}.q_proj", use_bias=bias, **common)
-        self.k_proj = Dense(d, kv * hd, path=f"{path}.k_proj", use_bias=bias, **common)
-        self.v_proj = Dense(d, kv * hd, path=f"{path}.v_proj", use_bias=bias, **common)
+        # Logical axes (kif_jax/sharding.py): heads split over `tensor`, hidden size over `fsdp`.
+        self.q_proj = Dense(d, h * hd, path=f"{path}.q_proj", use_bias=bias, axes=("embed", "q_heads"), **common)
+        self.k_proj = Dense(d, kv * hd, path=f"{path}.k_proj", use_bias=bias, axes=("embed", "kv_heads"), **common)
+        self.v_proj = Dense(d, kv * hd, path=f"{path}.v_proj", use_bias=bias, axes=("embed", "kv_heads"), **common)
         # Qwen2 puts biases on q/k/v only; LLaMA's and Qwen3's attention_bias covers o_proj too.
-        self.o_proj = Dense(h * hd, d, path=f"{path}.o_proj", use_bias=bias and cfg.model_type != "qwen2", **common)
+        self.o_proj = Dense(h * hd, d, path=f"{path}.o_proj", use_bias=bias and cfg.model_type != "qwen2",
+                            axes=("q_heads", "embed"), **common)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-            self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+            self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, axis="head_dim")
+            self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, axis="head_dim")
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
         self.dropout_rate = cfg.attention_dropout
         self.dtype = dtype
@@ -443,9 +446,9 @@ class MLP(nnx.Module):
                  keys: KeyStream) -> None:
         d, f = cfg.hidden_size, cfg.intermediate_size
         common = dict(std=cfg.initializer_range, lora=lora, dtype=dtype, param_dtype=param_dtype, keys=keys)
-        self.gate_proj = Dense(d, f, path=f"{path}.gate_proj", **common)
-        self.up_proj = Dense(d, f, path=f"{path}.up_proj", **common)
-        self.down_proj = Dense(f, d, path=f"{path}.down_proj", **common)
+        self.gate_proj = Dense(d, f, path=f"{path}.gate_proj", axes=("embed", "mlp"), **common)
+        self.up_proj = Dense(d, f, path=f"{path}.up_proj", axes=("embed", "mlp"), **common)
+        self.down_proj = Dense(f, d, path=f"{path}.down_proj", axes=("mlp", "embed"), **common)
 
     def __call__(self, x: jax.Array, *, deterministic: bool = True, rngs: RngsLike = None) -> jax.Array:
         kw = dict(deterministic=deterministic, rngs=rngs)
@@ -484,6 +487,7 @@ class DecoderStack(nnx.Module):
             DecoderLayer(cfg, path=f"model.layers.{i}", lora=lora, dtype=dtype, param_dtype=param_dtype, keys=keys)
             for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.remat = "none"  # train.remat: each layer's activations recomputed in the backward pass
 
 
 class KVCache(NamedTuple):
@@ -519,7 +523,7 @@ class DecoderLM(nnx.Module):
         self.model = DecoderStack(config, lora=lora, dtype=dtype, param_dtype=param_dtype, keys=keys)
         if not config.tie_word_embeddings:
             self.lm_head = Dense(config.hidden_size, config.vocab_size, std=config.initializer_range, path="lm_head",
-                                 lora=lora, dtype=dtype, param_dtype=param_dtype, keys=keys)
+                                 lora=lora, dtype=dtype, param_dtype=param_dtype, keys=keys, axes=("embed", "vocab"))
         check_lora_targets(self, lora, "decoder LM")
 
     def check_length(self, length: int) -> None:
@@ -536,7 +540,9 @@ class DecoderLM(nnx.Module):
         ks, vs = [], []
         for i, layer in enumerate(self.model.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-            x, k, v = layer(x, cos, sin, bias, layer_cache, deterministic=deterministic, rngs=rngs)
+            call = remat_layer(lambda x, layer=layer, layer_cache=layer_cache: layer(
+                x, cos, sin, bias, layer_cache, deterministic=deterministic, rngs=rngs), self.model.remat)
+            x, k, v = call(x)
             ks.append(k)
             vs.append(v)
         return self.model.norm(x), ks, vs

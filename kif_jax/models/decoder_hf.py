@@ -24,6 +24,7 @@ from kif_jax.models.decoder import DecoderConfig, DecoderLM
 from kif_jax.models.hf_files import (FLOAT_DTYPES, SAFE_WEIGHTS, SafetensorsReader, read_config, resolve_checkpoint,
                                      summarise, weight_files)
 from kif_jax.models.layers import LoRAConfig, LoRAParam, dotted, init_lora_state, merged_kernels
+from kif_jax.sharding import place
 
 
 class TensorReader(Protocol):
@@ -118,8 +119,12 @@ def _untie_if_separate_head(config: DecoderConfig, reader: TensorReader) -> Deco
 
 
 def load_from_reader(config: DecoderConfig, reader: TensorReader, *, dtype: Any = jnp.float32,
-                     lora: LoRAConfig | None = None, seed: int = 0, source: str = "checkpoint") -> DecoderLM:
-    """A `DecoderLM` of `config` whose parameters (in `dtype`) come from `reader`'s tensors."""
+                     lora: LoRAConfig | None = None, seed: int = 0, source: str = "checkpoint",
+                     mesh: Any = None) -> DecoderLM:
+    """A `DecoderLM` of `config` whose parameters (in `dtype`) come from `reader`'s tensors.
+
+    With a `mesh`, each tensor goes straight into its `kif_jax.sharding` layout as it is read.
+    """
     config = _untie_if_separate_head(config, reader)
     abstract = nnx.eval_shape(lambda: DecoderLM(config, lora=lora, dtype=dtype, param_dtype=dtype,
                                                 rngs=nnx.Rngs(seed)))
@@ -166,7 +171,7 @@ def load_from_reader(config: DecoderConfig, reader: TensorReader, *, dtype: Any 
         if fn is not None:
             value = fn(value)
         # One tensor at a time, cast on the host into the target dtype: no float32 copy of a bf16 model.
-        flat.append((path, var.replace(jnp.asarray(value.astype(var.get_value().dtype, copy=False)))))
+        flat.append((path, var.replace(place(value.astype(var.get_value().dtype, copy=False), var, mesh))))
         del value
     base = nnx.from_flat_state(flat)
     if lora is None:
@@ -182,7 +187,7 @@ def _config(hf: dict, source: str) -> DecoderConfig:
 
 
 def load_decoder(path_or_dir_or_gguf: str, *, dtype: Any = jnp.float32, lora: LoRAConfig | None = None,
-                 seed: int = 0) -> DecoderLM:
+                 seed: int = 0, mesh: Any = None) -> DecoderLM:
     """A `DecoderLM` from a checkpoint directory (config.json + safetensors), a hub id or a `.gguf` file.
 
     Parameters become `dtype` (float32 or bfloat16; logits stay float32). With `lora`, adapters are
@@ -196,11 +201,12 @@ def load_decoder(path_or_dir_or_gguf: str, *, dtype: Any = jnp.float32, lora: Lo
 
         checkpoint = GGUFCheckpoint(path)
         return load_from_reader(_config(checkpoint.config, path), checkpoint, dtype=dtype, lora=lora, seed=seed,
-                                source=path)
+                                source=path, mesh=mesh)
     directory = resolve_checkpoint(path)
     config = _config(read_config(directory), os.path.join(directory, "config.json"))
     reader = SafetensorsReader(weight_files(directory))
-    return load_from_reader(config, reader, dtype=dtype, lora=lora, seed=seed, source=f"checkpoint {directory}")
+    return load_from_reader(config, reader, dtype=dtype, lora=lora, seed=seed, source=f"checkpoint {directory}",
+                            mesh=mesh)
 
 
 # --------------------------------------------------------------------------------------------

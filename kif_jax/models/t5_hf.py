@@ -20,6 +20,7 @@ from kif_jax.models.hf_files import (FLOAT_DTYPES, HUB_ALLOW_PATTERNS, SAFE_INDE
                                      SafetensorsReader, convert_hint, resolve_checkpoint, summarise, weight_files)
 from kif_jax.models.layers import LoRAConfig, LoRAParam, dotted, init_lora_state, merged_kernels
 from kif_jax.models.t5 import T5, T5Config
+from kif_jax.sharding import place
 
 
 _FIELDS = {
@@ -110,8 +111,11 @@ def _untie_if_separate_head(config: T5Config, reader: SafetensorsReader) -> T5Co
 
 
 def load_t5(path_or_repo_id: str, *, dtype: Any = jnp.float32, lora: LoRAConfig | None = None,
-            seed: int = 0) -> T5:
-    """Read `config.json` and `*.safetensors` into a `T5` whose parameters are `dtype`."""
+            seed: int = 0, mesh: Any = None) -> T5:
+    """Read `config.json` and `*.safetensors` into a `T5` whose parameters are `dtype`.
+
+    With a `mesh`, each tensor goes straight into its `kif_jax.sharding` layout as it is read.
+    """
     directory = resolve_checkpoint(path_or_repo_id)
     config_file = os.path.join(directory, "config.json")
     if not os.path.exists(config_file):
@@ -170,7 +174,7 @@ def load_t5(path_or_repo_id: str, *, dtype: Any = jnp.float32, lora: LoRAConfig 
         value = reader.get(name)
         if fn is not None:
             value = fn(value)
-        flat.append((path, var.replace(jnp.asarray(np.asarray(value).astype(var.get_value().dtype)))))
+        flat.append((path, var.replace(place(np.asarray(value).astype(var.get_value().dtype), var, mesh))))
     base = nnx.from_flat_state(flat)
     if lora is None:
         return nnx.merge(graphdef, lora_abstract, base)

@@ -12,7 +12,7 @@ import math
 import pathlib
 import time
 import zlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +32,11 @@ from kif_jax.errors import ConfigError, NonFiniteError
 from kif_jax.evaluation import Evaluator
 from kif_jax.models import family as models_family
 from kif_jax.models.family import ModelFamily
+from kif_jax.preemption import Preempted, PreemptionGuard
 from kif_jax.reporting import MetricsWriter, save_heatmap, write_json
-from kif_jax.sharding import data_mesh, replicate, shard_rows
+from kif_jax.memory_plan import activation_bytes, memory_plan, report_memory_plan
+from kif_jax.models.layers import set_remat
+from kif_jax.sharding import config_mesh, shard_rows, shard_tree
 from kif_jax.train.methods import MethodSpec, cycle_spec, method_spec
 from kif_jax.train.steps import Programs, TrainState, init_state, make_task_key
 
@@ -58,6 +61,8 @@ class RunContext:
     evaluator: Evaluator
     fingerprint: str
     _cache: dict = dataclasses.field(default_factory=dict)
+    preemption: PreemptionGuard = dataclasses.field(default_factory=PreemptionGuard)  # polled at cycle boundaries
+    activations: int = 0  # estimated activation bytes per device (memory plan)
 
     def tokenized(self, key: tuple, records_fn) -> TokenizedDataset:
         """Tokenize once per (split, tasks) and keep it in memory for every method and step."""
@@ -125,9 +130,9 @@ def resolve_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tup
     return pathlib.Path(data_dir), tasks
 
 
-def build_model(config: ml_collections.ConfigDict) -> tuple[Any, Any, ModelFamily]:
-    """The backbone (with LoRA when only LoRA trains), its tokenizer and its family."""
-    return models_family.build_model(config.model, seed=config.seed)
+def build_model(config: ml_collections.ConfigDict, mesh: Any = None) -> tuple[Any, Any, ModelFamily]:
+    """The backbone (with LoRA when only LoRA trains), its tokenizer and its family (loaded onto `mesh`)."""
+    return models_family.build_model(config.model, seed=config.seed, mesh=mesh)
 
 
 class MethodRun:
@@ -188,8 +193,16 @@ class MethodRun:
         return shard_rows(stacked, self.ctx.mesh, row_axis=2)
 
     # --- training -----------------------------------------------------------------------------
+    def plan_memory(self) -> None:
+        """memory.json from the shardings of the method's largest state, before anything compiles."""
+        phase = 1 if self.method.kif and len(self.phases) > 1 else 0
+        state = jax.eval_shape(lambda: self.fresh_state(phase, self.ctx.init_params, 1))
+        plan = memory_plan(state, self.ctx.frozen, self.ctx.mesh, activations=self.ctx.activations)
+        report_memory_plan(plan, self.dir / "memory.json", self.method.name)
+
     def run(self) -> dict:
         c = self.config
+        self.plan_memory()
         ckpt = RunCheckpointer(self.dir / "checkpoints", keep=c.checkpoint.keep, fingerprint=self.ctx.fingerprint)
         try:
             return self._run(ckpt)
@@ -200,34 +213,43 @@ class MethodRun:
         c, ctx = self.config, self.ctx
         start_phase, state, iterator_state, offset = 0, None, None, None
         params = ctx.init_params
-        latest = ckpt.latest_step()
-        if latest is not None:
-            meta = ckpt.restore_meta(latest)
+        trained, resumed_step = False, 0  # trained: preempted while evaluating, the phase's training is done
+        # The newest intact checkpoint; its state has the structure of a fresh state of its phase.
+        restored = ckpt.restore_latest(lambda meta: shard_tree(self.fresh_state(
+            meta["phase"] if meta["mid_phase"] else meta["phase"] - 1, params, 0), ctx.mesh))
+        if restored is not None:
+            latest, meta, state = restored
             start_phase = meta["phase"]
             self.R = np.array([[np.nan if v is None else v for v in row] for row in meta["R"]])
             self.zero_shot = meta["zero_shot"]
             self.timing = meta["timing"]
             offset = meta["metrics_offset"]
-            like_phase = start_phase if meta["mid_phase"] else start_phase - 1
-            like = self.fresh_state(like_phase, params, 0)
-            state = ckpt.restore_state(latest, replicate(like, ctx.mesh))
             params = state.params
             iterator_state = meta["iterator"] if meta["mid_phase"] else None
+            trained = meta.get("trained", False)
+            resumed_step = meta["step"] if meta["mid_phase"] else 0
             logging.info("%s: resumed from checkpoint %d (task %d)", self.method.name, latest, start_phase + 1)
+        if ctx.preemption.should_stop():
+            raise Preempted(method=self.method.name, task=start_phase + 1, step=resumed_step, saved=False)
         writer = MetricsWriter(self.dir / "metrics.jsonl", resume_offset=offset)
 
         if self.zero_shot is None and c.eval.all_tasks and not self.method.joint:
             t0 = time.perf_counter()
-            self.zero_shot = [ctx.accuracy(params, t) for t in ctx.tasks]
+            self.zero_shot = []
+            for t in ctx.tasks:
+                if ctx.preemption.should_stop():
+                    raise Preempted(method=self.method.name, task=1, step=0, saved=False)
+                self.zero_shot.append(ctx.accuracy(params, t))
             self.timing["eval_s"] += time.perf_counter() - t0
 
         for phase in range(start_phase, len(self.phases)):
-            resuming = iterator_state is not None
-            state = self.train_phase(phase, state, params, iterator_state, writer, ckpt)
-            iterator_state = None
+            resuming = iterator_state is not None or trained
+            if not trained:
+                state = self.train_phase(phase, state, params, iterator_state, writer, ckpt)
+            iterator_state, trained = None, False
             params = state.params
             t0 = time.perf_counter()
-            self.evaluate_phase(phase, params)
+            self.evaluate_phase(phase, params, preempted=lambda: self._save_trained_and_stop(ckpt, state, phase, writer))
             self.timing["eval_s"] += time.perf_counter() - t0
             writer.write({"event": "task_end", "method": self.method.name, "phase": phase,
                           "tasks": self.phases[phase], "accuracy": self.R[self._row(phase)].tolist(),
@@ -246,22 +268,34 @@ class MethodRun:
         return len(self.ctx.tasks) - 1 if self.method.joint else phase
 
     def save(self, ckpt: RunCheckpointer, state: TrainState, *, phase: int, mid_phase: bool,
-             iterator: dict | None, writer: MetricsWriter) -> None:
+             iterator: dict | None, writer: MetricsWriter, trained: bool = False) -> None:
         steps_done = int(state.step)
-        # Checkpoint ids grow through the run: phase-major, then steps within the phase.
-        ckpt_id = phase * 10_000_000 + (steps_done if mid_phase else 0)
+        # Checkpoint ids grow through the run: phase-major, then steps within the phase; a phase trained
+        # to its end but not yet evaluated (preempted while evaluating) is one id after its last step.
+        ckpt_id = phase * 10_000_000 + (steps_done + int(trained) if mid_phase else 0)
+        if ckpt.has(ckpt_id):
+            return  # this very position is saved already (a periodic save, or an earlier preemption)
         meta = {"phase": phase, "mid_phase": mid_phase, "iterator": iterator, "step": steps_done,
                 "R": [[None if math.isnan(v) else float(v) for v in row] for row in self.R],
                 "zero_shot": self.zero_shot, "timing": self.timing, "metrics_offset": writer.offset(),
-                "method": self.method.name}
+                "method": self.method.name, "trained": trained}
         ckpt.save(ckpt_id, state, meta)
 
-    def evaluate_phase(self, phase: int, params: Any) -> None:
+    def _save_trained_and_stop(self, ckpt: RunCheckpointer, state: TrainState, phase: int,
+                               writer: MetricsWriter) -> None:
+        """Preempted while evaluating: save the trained state (the phase's evaluation is redone on resume)."""
+        self.save(ckpt, state, phase=phase, mid_phase=True, iterator=None, writer=writer, trained=True)
+        raise Preempted(method=self.method.name, task=phase + 1, step=int(state.step), saved=True)
+
+    def evaluate_phase(self, phase: int, params: Any, preempted: Callable[[], None] | None = None) -> None:
+        """Fill row `phase` of R; before each task, a preemption request calls `preempted` (which raises)."""
         ctx = self.ctx
         row = self._row(phase)
         seen = len(ctx.tasks) if self.method.joint else phase + 1
         columns = range(len(ctx.tasks)) if self.config.eval.all_tasks else range(seen)
         for j in columns:
+            if preempted is not None and ctx.preemption.should_stop():
+                preempted()
             self.R[row, j] = ctx.accuracy(params, ctx.tasks[j])
 
     def train_phase(self, phase: int, state: TrainState | None, params: Any, iterator_state: dict | None,
@@ -278,7 +312,7 @@ class MethodRun:
         if iterator_state is not None:
             iterator.restore(iterator_state)
         else:
-            state = replicate(self.next_phase_state(state, phase, params, total), mesh)
+            state = shard_tree(self.next_phase_state(state, phase, params, total), mesh)
             if kif and not method.dynamic_outer_importance:
                 rng = np.random.default_rng([c.seed, phase, STATIC_IMPORTANCE_STREAM])
                 draws = [sample_batch(memory, c.kif.outer_batch_size, rng) for _ in range(c.kif.static_batches)]
@@ -326,6 +360,10 @@ class MethodRun:
             if every and step < total and step // every > last_saved // every:
                 self.save(ckpt, state, phase=phase, mid_phase=True, iterator=iterator.state(), writer=writer)
                 last_saved = step
+            if ctx.preemption.should_stop():  # SIGTERM / SIGINT: save this position and stop
+                bar.close()
+                self.save(ckpt, state, phase=phase, mid_phase=True, iterator=iterator.state(), writer=writer)
+                raise Preempted(method=method.name, task=phase + 1, step=step, saved=True)
         bar.close()
         if kif and method.merge_at_task_end:
             spec = cycle_spec(method, c.kif, inner_steps=q_full, with_outer=True)
@@ -381,25 +419,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     workdir = pathlib.Path(workdir)
     data_dir, tasks = resolve_run(config, workdir)
     c = config
-    model, tokenizer, family = build_model(config)
+    mesh = config_mesh(c.sharding)
+    model, tokenizer, family = build_model(config, mesh)
     from kif_jax.models import LoRAParam
 
+    set_remat(model, c.train.remat)
     trainable = LoRAParam if c.model.trainable == "lora" else nnx.Param
     graphdef, params, frozen = nnx.split(model, trainable, ...)
-    mesh = data_mesh(c.sharding.num_devices)
     programs = Programs(graphdef, family=family, lr=c.train.lr, warmup_steps=c.train.warmup_steps,
                         max_grad_norm=c.train.max_grad_norm, weight_decay=c.train.weight_decay,
-                        outer_lr=c.kif.outer_lr, prng_impl=c.train.prng_impl)
+                        outer_lr=c.kif.outer_lr, prng_impl=c.train.prng_impl, mesh=mesh)
+    activations = activation_bytes(model.config, micro_batch_size=c.train.micro_batch_size,
+                                   input_length=c.train.max_input_length, target_length=c.train.max_target_length,
+                                   itemsize=2 if c.model.dtype == "bfloat16" else 4, remat=c.train.remat, mesh=mesh)
     evaluator = Evaluator(graphdef, family, tokenizer, batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens,
                           mesh=mesh, mode=c.eval.mode, max_target_length=c.train.max_target_length)
     ctx = RunContext(config=c, workdir=workdir, data_dir=data_dir, tasks=tasks, tokenizer=tokenizer, family=family,
-                     graphdef=graphdef, init_params=replicate(params, mesh), frozen=replicate(frozen, mesh),
-                     mesh=mesh, programs=programs, evaluator=evaluator, fingerprint=config_fingerprint(c))
+                     graphdef=graphdef, init_params=shard_tree(params, mesh), frozen=shard_tree(frozen, mesh),
+                     mesh=mesh, programs=programs, evaluator=evaluator, fingerprint=config_fingerprint(c),
+                     activations=activations, preemption=PreemptionGuard())
     results: dict[str, dict] = {}
-    for name in split_list(c.methods):
-        t0 = time.perf_counter()
-        results[name] = MethodRun(ctx, method_spec(name)).run()
-        logging.info("%s finished in %.1f s", name, time.perf_counter() - t0)
+    with ctx.preemption:  # SIGTERM / SIGINT from here on: save at the next cycle boundary, raise Preempted
+        for name in split_list(c.methods):
+            t0 = time.perf_counter()
+            results[name] = MethodRun(ctx, method_spec(name)).run()
+            logging.info("%s finished in %.1f s", name, time.perf_counter() - t0)
     table = metrics.comparison_table(results)
     (workdir / "comparison.md").write_text(table + "\n")
     return results

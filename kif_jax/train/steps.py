@@ -16,6 +16,7 @@ import optax
 from flax import nnx, struct
 
 import kif_jax
+from kif_jax import sharding
 from kif_jax.models.family import ModelFamily
 from kif_jax.train.methods import CycleSpec
 
@@ -83,7 +84,12 @@ class Programs:
     """The jitted programs of one model (graphdef, family) and optimizer setting, cached per CycleSpec."""
 
     def __init__(self, graphdef: nnx.GraphDef, *, family: ModelFamily, lr: float, warmup_steps: int, max_grad_norm: float,
-                 weight_decay: float, outer_lr: float, prng_impl: str = "rbg", donate: bool = True) -> None:
+                 weight_decay: float, outer_lr: float, prng_impl: str = "rbg", donate: bool = True,
+                 mesh: jax.sharding.Mesh | None = None) -> None:
+        # mesh: states and frozen weights arrive in their `kif_jax.sharding` layouts (jit takes its input
+        # shardings from them); every program pins its outputs and the steps' carries to the same
+        # layouts, so a state never changes layout, donation reuses its buffers, and no state is gathered.
+        self.mesh = mesh
         self.graphdef = graphdef
         self.family = family
         self.prng_impl = prng_impl
@@ -92,10 +98,23 @@ class Programs:
         self.outer_lr = outer_lr
         self.tx = adam_transform(max_grad_norm, weight_decay)
         donate_args = ("state",) if donate else ()
-        self.run_cycle = jax.jit(self._run_cycle, static_argnames=("spec",), donate_argnames=donate_args)
-        self.estimate_outer_importance = jax.jit(self._estimate_outer_importance, static_argnames=("spec",))
-        self.merge_task = jax.jit(self._merge_task, static_argnames=("spec",))
+        self.run_cycle = jax.jit(self._pinned(self._run_cycle), static_argnames=("spec",),
+                                 donate_argnames=donate_args)
+        self.estimate_outer_importance = jax.jit(self._pinned(self._estimate_outer_importance),
+                                                 static_argnames=("spec",))
+        self.merge_task = jax.jit(self._pinned(self._merge_task), static_argnames=("spec",))
         self.dev_loss = jax.jit(self._dev_loss)
+
+    def _constrain(self, tree: Any) -> Any:
+        """`tree` pinned to its `kif_jax.sharding` layout on the mesh (no-op without a mesh)."""
+        return tree if self.mesh is None else sharding.constrain(tree, self.mesh)
+
+    def _pinned(self, fn: Any) -> Any:
+        @functools.wraps(fn)
+        def pinned(*args: Any, **kwargs: Any) -> Any:
+            return self._constrain(fn(*args, **kwargs))
+
+        return pinned
 
     # --- losses -------------------------------------------------------------------------------
     def token_loss(self, params: Any, frozen: Any, batch: Batch, key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -113,7 +132,7 @@ class Programs:
             return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
         n_micro = batch["input_ids"].shape[0]
-        init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        init = (jnp.zeros((), jnp.float32), self._constrain(jax.tree.map(jnp.zeros_like, params)))
         (loss_sum, grad_sum), _ = jax.lax.scan(body, init, (batch, jnp.arange(n_micro)))
         return loss_sum / n_micro, jax.tree.map(lambda g: g / n_micro, grad_sum)
 
@@ -140,6 +159,7 @@ class Programs:
         stream = jnp.where(outer, OUTER_STREAM, INNER_STREAM)
         counter = jnp.where(outer, state.step * spec.outer_steps + outer_index, state.step)
         loss, grads = self.accumulated_grads(state.params, frozen, batch, self._key(state, stream, counter))
+        grads = self._constrain(grads)
         # Outer steps with the shared optimizer (reference quirk) use the inner AdamW state and the
         # current learning rate without advancing the schedule, which counts inner steps only.
         lr = linear_warmup_decay(state.step, state.total_steps, peak=self.lr, warmup=self.warmup_steps)
@@ -166,12 +186,16 @@ class Programs:
                                                   state.imp_out))
         ok = jnp.isfinite(loss) & _all_finite(grads)
         new = _where_tree(ok, new, state).replace(step=state.step + jnp.where(outer, 0, 1).astype(jnp.int32))
+        new = self._constrain(new)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr, "finite": ok}
         return new, metrics
 
     def _masks(self, imp: Any, spec: CycleSpec) -> Any:
         scores = kif_jax.importance_scores(imp, kind=spec.score)
-        return kif_jax.importance_masks(scores, quantile=spec.quantile, scope=spec.scope, method=spec.threshold_method)
+        # Sharded scores: the counting threshold (no gather); replicated ones: the configured method.
+        # Both give the same masks (kif_jax/core/thresholds.py).
+        method = "bisect" if self.mesh is not None and sharding.is_sharded(scores, self.mesh) else spec.threshold_method
+        return kif_jax.importance_masks(scores, quantile=spec.quantile, scope=spec.scope, method=method)
 
     def _fuse(self, base: Any, tau_in: Any, tau_out: Any, state: TrainState, spec: CycleSpec) -> tuple[Any, dict]:
         """theta = base + w_in*tau_in + w_out*tau_out, with mask statistics for the logs."""

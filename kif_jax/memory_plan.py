@@ -1,0 +1,69 @@
+"""Memory plan: bytes per device of every state under its actual sharding, before anything compiles.
+
+`<workdir>/<method>/memory.json` = {"mesh": {axis: size}, "per_device_bytes": {"frozen", "trainable",
+"optimizer", "importance", "activations", "total"}}. State sizes are exact (shard shapes of the
+arrays' shardings, from `kif_jax.sharding.tree_shardings`); activations are an estimate.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any
+
+import jax
+from absl import logging
+from jax.sharding import Mesh
+
+from kif_jax.sharding import BATCH_AXES, TENSOR_AXIS, batch_spec, per_device_bytes
+
+
+def activation_bytes(model_config: Any, *, micro_batch_size: int, input_length: int, target_length: int,
+                     itemsize: int, remat: str, mesh: Mesh) -> int:
+    """Rough per-device bytes of what one micro-batch's backward pass keeps alive.
+
+    Per layer and token (Korthikanti et al. 2022, without dropout masks): about 8 * d (norms, residual,
+    q/k/v/o inputs) + 2 * d_ff (MLP) values, and 2 * heads * length attention scores and probabilities;
+    split by the `tensor` axis where heads and MLP are. "full" remat keeps each layer's input and one
+    layer's tensors; the other policies are counted like "none" (an upper bound). Plus the float32
+    logits and their gradient.
+    """
+    g = lambda *names: next((getattr(model_config, n) for n in names if getattr(model_config, n, None)), 0)  # noqa: E731
+    d, ff, heads, vocab = g("d_model", "hidden_size"), g("d_ff", "intermediate_size"), \
+        g("num_heads", "num_attention_heads"), g("vocab_size")
+    layers = g("num_hidden_layers") or g("num_layers") + g("num_decoder_layers")
+    spec = batch_spec(mesh, micro_batch_size, 0)
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape) if len(spec) else 1
+    rows = math.ceil(micro_batch_size / shards)
+    length = input_length + target_length
+    t = mesh.shape.get(TENSOR_AXIS, 1)
+    per_layer = rows * length * itemsize * (8 * d + (2 * ff + 2 * heads * length) / t)
+    kept = layers * rows * length * d * itemsize + per_layer if remat == "full" else layers * per_layer
+    logits = 2 * rows * length * vocab * 4 / t
+    return int(kept + logits)
+
+
+def memory_plan(state: Any, frozen: Any, mesh: Mesh, *, activations: int) -> dict:
+    """The plan of a TrainState (arrays or `jax.eval_shape` structs) and the frozen weights on `mesh`."""
+    b = lambda tree: per_device_bytes(tree, mesh)  # noqa: E731
+    parts = {"frozen": b(frozen), "trainable": b(state.params),
+             "optimizer": b((state.opt_state, state.outer_opt_state)),
+             "importance": b((state.imp_in, state.imp_out)), "activations": int(activations)}
+    parts["total"] = sum(parts.values())
+    return {"mesh": {k: int(v) for k, v in mesh.shape.items()}, "per_device_bytes": parts}
+
+
+def report_memory_plan(plan: dict, path: pathlib.Path, name: str) -> None:
+    """Write memory.json (process 0), log it, and warn in one line if it exceeds the device's memory."""
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(plan, indent=2) + "\n")
+    gib = {k: f"{v / 2**30:.3f}" for k, v in plan["per_device_bytes"].items()}
+    logging.info("%s: memory plan per device (GiB) on mesh %s: %s", name, plan["mesh"], gib)
+    stats = jax.local_devices()[0].memory_stats()  # None on CPU
+    limit = (stats or {}).get("bytes_limit")
+    total = plan["per_device_bytes"]["total"]
+    if limit and total > limit:
+        logging.warning("%s: the memory plan needs %.2f GiB per device but %s has %.2f GiB; raise "
+                        "sharding.fsdp_parallelism, lower train.micro_batch_size or set train.remat=full",
+                        name, total / 2**30, jax.local_devices()[0].device_kind, limit / 2**30)
