@@ -182,36 +182,10 @@ def test_causal_loss_is_optax_cross_entropy_on_shifted_labels():
 
 
 def test_sigkilled_decoder_run_resumes_to_the_identical_result(checkpoint, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import time
+    from test_main import kill_mid_method_and_resume
 
-    from test_main import main_command, run_main, training_record
-
-    overrides = (f"--config.model.name={checkpoint}", "--config.model.lora.targets=q_proj,v_proj")
-    reference = run_main(tmp_path / "reference", *overrides)
-    assert reference.returncode == 0, reference.stderr[-2000:]
-    killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(main_command(killed_dir, *overrides), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=pathlib.Path(__file__).resolve().parent.parent)
-    checkpoints = killed_dir / "recurrent_kif" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir()):
-            break  # the second method has written its first checkpoint: kill mid-method
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed_dir / "recurrent_kif" / "results.json").exists()
-    resumed = run_main(killed_dir, *overrides)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    for method in ("seq_lora", "recurrent_kif"):
-        want = json.loads((tmp_path / "reference" / method / "results.json").read_text())
-        got = json.loads((killed_dir / method / "results.json").read_text())
-        assert got["accuracy_matrix"] == want["accuracy_matrix"]
-        assert training_record(killed_dir, method) == training_record(tmp_path / "reference", method)
+    kill_mid_method_and_resume(tmp_path, f"--config.model.name={checkpoint}",
+                               "--config.model.lora.targets=q_proj,v_proj")
 
 
 def test_generate_texts_serves_the_decoder_family():

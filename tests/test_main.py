@@ -32,12 +32,15 @@ def training_record(workdir: pathlib.Path, method: str) -> list[tuple]:
     return [tuple(r.get(k) for k in METRIC_KEYS) for r in map(json.loads, lines) if "loss" in r]
 
 
-def test_sigkilled_run_resumes_to_the_identical_result(tmp_path):
-    reference = run_main(tmp_path / "reference")
+def kill_mid_method_and_resume(tmp_path: pathlib.Path, *overrides: str) -> subprocess.CompletedProcess:
+    """Run to the end once; run again, SIGKILL it once the second method has checkpointed, resume it;
+    assert the resumed run's results and logged training records equal the uninterrupted run's."""
+    reference = run_main(tmp_path / "reference", *overrides)
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(main_command(killed_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    proc = subprocess.Popen(main_command(killed_dir, *overrides), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=REPO)
     checkpoints = killed_dir / "recurrent_kif" / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -49,7 +52,7 @@ def test_sigkilled_run_resumes_to_the_identical_result(tmp_path):
     proc.wait()
     assert not (killed_dir / "recurrent_kif" / "results.json").exists()
 
-    resumed = run_main(killed_dir)
+    resumed = run_main(killed_dir, *overrides)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     for method in ("seq_lora", "recurrent_kif"):
         want = json.loads((tmp_path / "reference" / method / "results.json").read_text())
@@ -57,6 +60,11 @@ def test_sigkilled_run_resumes_to_the_identical_result(tmp_path):
         assert got["accuracy_matrix"] == want["accuracy_matrix"]
         # Bit-identical training: every logged loss, norm and mask share, in the same order.
         assert training_record(killed_dir, method) == training_record(tmp_path / "reference", method)
+    return resumed
+
+
+def test_sigkilled_run_resumes_to_the_identical_result(tmp_path):
+    resumed = kill_mid_method_and_resume(tmp_path)
     assert "recurrent_kif" in resumed.stdout and "OP" in resumed.stdout
 
 

@@ -21,8 +21,8 @@ from flax import nnx
 
 from kif_jax.errors import ConfigError, ModelLoadError
 from kif_jax.models.decoder import DecoderConfig, DecoderLM
-from kif_jax.models.hf_files import (FLOAT_DTYPES, SAFE_WEIGHTS, SafetensorsReader, read_config, resolve_checkpoint,
-                                     summarise, weight_files)
+from kif_jax.models.hf_files import (FLOAT_DTYPES, SAFE_WEIGHTS, NameTable, SafetensorsReader, read_config,
+                                     resolve_checkpoint, summarise, transpose, weight_files)
 from kif_jax.models.layers import LoRAConfig, LoRAParam, dotted, init_lora_state, merged_kernels
 from kif_jax.sharding import place
 
@@ -48,9 +48,7 @@ _FIELDS = {
 }
 
 
-def _t(x: np.ndarray) -> np.ndarray:
-    """[out, in] (torch `nn.Linear`) <-> [in, out] (kif_jax `Dense`)."""
-    return x.T
+_t = transpose  # [out, in] (torch) <-> [in, out] (kif_jax)
 
 
 # (Hugging Face name, model path, transform applied on load; its inverse is the same transpose).
@@ -70,36 +68,17 @@ _EMBED = "model.embed_tokens.weight"
 _HEAD = "lm_head.weight"
 
 
-def _compile(template: str) -> re.Pattern[str]:
-    out, pos = [], 0
-    for m in re.finditer(r"\{(\w+)\}", template):
-        out.append(re.escape(template[pos:m.start()]))
-        out.append(f"(?P<{m.group(1)}>{_FIELDS[m.group(1)]})")
-        pos = m.end()
-    out.append(re.escape(template[pos:]))
-    return re.compile("".join(out))
-
-
-_HF_TO_MODEL = tuple((_compile(hf), model, fn) for hf, model, fn in _TABLE)
-_MODEL_TO_HF = tuple((_compile(model), hf, fn) for hf, model, fn in _TABLE)
-
-
-def _lookup(table: tuple, name: str) -> tuple[str, Callable | None] | None:
-    for pattern, template, fn in table:
-        m = pattern.fullmatch(name)
-        if m:
-            return template.format(**m.groupdict()), fn
-    return None
+_NAMES = NameTable(_TABLE, _FIELDS)
 
 
 def hf_to_model_path(name: str) -> tuple[str, Callable | None] | None:
     """The model path of a Hugging Face tensor name and its transform; None if unknown."""
-    return _lookup(_HF_TO_MODEL, name)
+    return _NAMES.to_model(name)
 
 
 def model_to_hf_name(path: str) -> tuple[str, Callable | None] | None:
     """The Hugging Face name of a dotted model path and its (inverse) transform."""
-    return _lookup(_MODEL_TO_HF, path)
+    return _NAMES.to_hf(path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -111,3 +113,48 @@ def read_config(directory: str) -> dict:
             return json.load(f)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot read {path}: {e}") from None
+
+
+Transform = Callable[[np.ndarray], np.ndarray] | None
+
+
+def transpose(x: np.ndarray) -> np.ndarray:
+    """[out, in] (torch `nn.Linear`) <-> [in, out] (kif_jax `Dense`); its own inverse."""
+    return x.T
+
+
+class NameTable:
+    """Hugging Face tensor names <-> dotted model paths, both ways, from one table of templates.
+
+    Rows are (HF template, model template, transform); `{field}` placeholders match the regexes in
+    `fields` and carry over from one side to the other. Transforms here are their own inverses.
+    """
+
+    def __init__(self, rows: Sequence[tuple[str, str, Transform]], fields: Mapping[str, str]) -> None:
+        def compile_(template: str) -> re.Pattern[str]:
+            out, pos = [], 0
+            for m in re.finditer(r"\{(\w+)\}", template):
+                out.append(re.escape(template[pos:m.start()]))
+                out.append(f"(?P<{m.group(1)}>{fields[m.group(1)]})")
+                pos = m.end()
+            out.append(re.escape(template[pos:]))
+            return re.compile("".join(out))
+
+        self._to_model = tuple((compile_(hf), model, fn) for hf, model, fn in rows)
+        self._to_hf = tuple((compile_(model), hf, fn) for hf, model, fn in rows)
+
+    @staticmethod
+    def _lookup(table: tuple, name: str) -> tuple[str, Transform] | None:
+        for pattern, template, fn in table:
+            m = pattern.fullmatch(name)
+            if m:
+                return template.format(**m.groupdict()), fn
+        return None
+
+    def to_model(self, name: str) -> tuple[str, Transform] | None:
+        """The model path of a Hugging Face tensor name and its transform; None if unknown."""
+        return self._lookup(self._to_model, name)
+
+    def to_hf(self, path: str) -> tuple[str, Transform] | None:
+        """The Hugging Face name of a dotted model path and its (inverse) transform."""
+        return self._lookup(self._to_hf, path)
