@@ -2,6 +2,10 @@
 
     python main.py                                   # offline demo (configs/demo.py)
     python main.py --config=configs/t5_large.py --workdir=runs/t5_large --config.order=2
+    python main.py ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I   # on every process
+
+Several processes (hosts) run the same command: with the three flags, or with none of them on a Cloud
+TPU VM (`jax.distributed.initialize()` from the slice's metadata); see kif_jax/distributed.py.
 
 Exit codes: 0 done; 2 a user error (one line); 75 preempted by SIGTERM / SIGINT after saving a
 checkpoint (run the same command to resume).
@@ -17,6 +21,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", str(_HERE / "configs" / "demo.py"), "Config file (configs/*.py); fields overridable as --config.a.b=v.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Results, metrics and checkpoints; default runs/<config name>.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "Multi-process runs: HOST:PORT of process 0 (the same on every process).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes in all.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index, 0 .. N-1.")
 
 
 def _fail(message: str) -> None:
@@ -49,11 +57,20 @@ def load_config():
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from kif_jax import distributed
     from kif_jax.cli import run
+    from kif_jax.errors import KifError
 
-    if not flags.FLAGS["verbosity"].present:
+    quiet = not flags.FLAGS["verbosity"].present
+    if quiet:
         # Orbax logs every checkpoint save at length at INFO; --verbosity=0 shows it and the per-task logs.
         logging.set_verbosity(logging.WARNING)
+    try:  # before anything starts a JAX backend
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except KifError as err:
+        _fail(str(err))
+    if quiet and not distributed.is_main():
+        logging.set_verbosity(logging.ERROR)  # process 0 speaks for the run
     config_name = pathlib.Path(flags.FLAGS["config"].config_filename).stem
     sys.exit(run(load_config(), _WORKDIR.value or f"runs/{config_name}"))
 

@@ -4,6 +4,10 @@ Orbax writes each checkpoint into a temporary directory and renames it when comp
 killed at any moment leaves the previous checkpoints intact; the manager keeps the last `keep` and
 removes unfinished temporary directories when it opens. A resumed run takes the newest intact
 checkpoint: an unreadable one is set aside (into `<directory>.unreadable/`) with one warning line.
+
+In multi-process runs every process calls save and restore with the same arguments: Orbax writes each
+process's shards of the state and process 0 the metadata into the one (shared) directory, and
+restores each process's shards straight into the state's shardings.
 """
 from __future__ import annotations
 

@@ -25,6 +25,9 @@ METHODS = (
     "global_merge",
     "no_share",
 )
+# Prior methods and the +Adaptive ablation (kif_jax/train/methods.py), selectable in `methods` like the above.
+BASELINE_METHODS = ("o_lora", "tasl", "ewc", "adaptive")
+ALL_METHODS = METHODS + BASELINE_METHODS
 SYNTHETIC_DATA = "synthetic"
 
 
@@ -117,6 +120,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.kif.fuse_partial_cycle = False  # also fuse the steps left after the last multiple of Q
     c.kif.static_batches = 16  # static_importance: memory batches used for the one-off estimate
 
+    c.o_lora = ml_collections.ConfigDict()  # method "o_lora" (the authors' code defaults)
+    c.o_lora.lambda1 = 0.5  # weight of the orthogonality loss sum |A_old A_new^T| (from task 2 on)
+    c.o_lora.lambda2 = 0.0  # weight of the new branch's summed Frobenius norms
+
+    c.tasl = ml_collections.ConfigDict()  # method "tasl" (the authors' code defaults)
+    c.tasl.beta1 = 0.85  # importance EMA (AdaLoRA's I_bar)
+    c.tasl.beta2 = 0.85  # uncertainty EMA (AdaLoRA's U_bar)
+    c.tasl.quantile = 0.8  # units above this percentile of the normalised unit scores are important
+
+    c.ewc = ml_collections.ConfigDict()  # method "ewc"
+    # Penalty weight: (lambda_ / 2) sum F (theta - theta*)^2; our choice (kif_jax/train/methods.py). The trailing
+    # underscore: `lambda` is a Python keyword, which ml_collections cannot parse in --config.ewc.lambda=...
+    c.ewc.lambda_ = 5000.0
+    c.ewc.fisher_batches = 8  # training batches of a task whose squared gradients give its Fisher
+
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 32  # test examples per decoding batch
     c.eval.max_examples_per_task = 0  # 0 = the whole test set
@@ -160,7 +178,7 @@ _POSITIVE_INTS = (
     "train.epochs", "train.batch_size", "train.micro_batch_size", "train.max_input_length",
     "train.max_target_length", "train.select_every_steps", "train.select_dev_examples",
     "kif.inner_steps", "kif.outer_steps", "kif.outer_batch_size",
-    "kif.static_batches", "eval.batch_size", "eval.max_new_tokens", "checkpoint.keep",
+    "kif.static_batches", "ewc.fisher_batches", "eval.batch_size", "eval.max_new_tokens", "checkpoint.keep",
     "model.lora.rank",
 )
 
@@ -208,13 +226,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not methods:
         raise ConfigError("config field 'methods' is empty")
     for method in methods:
-        if method not in METHODS:
-            raise ConfigError(f"unknown method '{method}' in config field 'methods'; known: {', '.join(METHODS)}")
+        if method not in ALL_METHODS:
+            raise ConfigError(f"unknown method '{method}' in config field 'methods'; known: {', '.join(ALL_METHODS)}")
     if len(set(methods)) != len(methods):
         raise ConfigError("config field 'methods' names a method twice")
     if not 0.0 < config.kif.quantile < 1.0:
         raise ConfigError(f"config field 'kif.quantile' must lie in (0, 1), got {config.kif.quantile}")
-    for name in ("kif.beta1", "kif.beta2"):
+    if "o_lora" in methods and config.model.trainable != "lora":
+        raise ConfigError(f"method 'o_lora' trains per-task LoRA branches: it needs config field 'model.trainable' "
+                          f"= 'lora', got {config.model.trainable!r}")
+    if not 0.0 < config.tasl.quantile < 1.0:
+        raise ConfigError(f"config field 'tasl.quantile' must lie in (0, 1), got {config.tasl.quantile}")
+    for name in ("o_lora.lambda1", "o_lora.lambda2", "ewc.lambda_"):
+        if not (math.isfinite(given[name]) and given[name] >= 0):
+            raise ConfigError(f"config field '{name}' must be a non-negative number, got {given[name]}")
+    for name in ("kif.beta1", "kif.beta2", "tasl.beta1", "tasl.beta2"):
         if not 0.0 <= given[name] < 1.0:
             raise ConfigError(f"config field '{name}' must lie in [0, 1), got {given[name]}")
     if not 0.0 < config.kif.memory_ratio <= 1.0:

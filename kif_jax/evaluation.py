@@ -5,6 +5,9 @@ a generated answer may be no label at all. `"score"` ranks the task's label opti
 list) by the model's log-likelihood of each option (+ EOS) in one batched pass per batch: it can
 never produce an invalid label, and on a trained model it agrees with greedy decoding wherever
 greedy decoding produced a valid option (`tests/test_evaluation.py`).
+
+In multi-process runs every process feeds its rows of each batch and gets the whole batch's
+predictions back (`kif_jax.distributed.fetch`), so every process computes the same accuracy.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kif_jax import metrics
+from kif_jax.distributed import fetch
 from kif_jax.data.batching import TokenizedDataset, eval_batches
 from kif_jax.models.family import ModelFamily
 from kif_jax.models.tokenizers import Tokenizer
@@ -74,14 +78,14 @@ class Evaluator:
         for batch, n_real in eval_batches(dataset, self.batch_size):
             ids = shard_rows({k: batch[k] for k in ("input_ids", "attention_mask")}, self.mesh, row_axis=0)
             if self.mode == "generate":
-                tokens = np.asarray(self._decode(params, frozen, ids["input_ids"], ids["attention_mask"]))
+                tokens = fetch(self._decode(params, frozen, ids["input_ids"], ids["attention_mask"]))
                 out.extend(self.tokenizer.decode_batch(tokens[:n_real].tolist()))
                 continue
             option_ids, option_mask = self.option_arrays(options)
             shape = (self.batch_size, *option_ids.shape)
             opts = shard_rows({"ids": np.broadcast_to(option_ids, shape).copy(),
                                "mask": np.broadcast_to(option_mask, shape).copy()}, self.mesh, row_axis=0)
-            best = np.asarray(self._score(params, frozen, ids["input_ids"], ids["attention_mask"], opts["ids"],
+            best = fetch(self._score(params, frozen, ids["input_ids"], ids["attention_mask"], opts["ids"],
                                           opts["mask"]))
             out.extend(options[int(i)] for i in best[:n_real])
         return out

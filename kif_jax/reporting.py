@@ -56,6 +56,21 @@ def write_json(path: pathlib.Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def draw_heatmap(ax: Any, matrix: np.ndarray, tasks: Sequence[str], title: str, *, annotate: bool = True) -> Any:
+    """Draw the accuracy matrix R (rows: after task i; columns: task j), in percent, on `ax`; returns the image."""
+    values = np.asarray(matrix, dtype=float) * 100.0
+    image = ax.imshow(np.ma.masked_invalid(values), vmin=0, vmax=100, cmap="viridis")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
+    ax.set_yticks(range(len(tasks)), [f"after {t}" for t in tasks])
+    for i in range(values.shape[0]) if annotate else ():
+        for j in range(values.shape[1]):
+            if np.isfinite(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.0f}", ha="center", va="center",
+                        color="white" if values[i, j] < 60 else "black", fontsize=8)
+    ax.set_title(title)
+    return image
+
+
 def save_heatmap(path: pathlib.Path, matrix: np.ndarray, tasks: Sequence[str], title: str) -> None:
     """The accuracy matrix R (rows: after task i; columns: task j) as an annotated PNG, in percent."""
     import matplotlib
@@ -63,18 +78,9 @@ def save_heatmap(path: pathlib.Path, matrix: np.ndarray, tasks: Sequence[str], t
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    values = np.asarray(matrix, dtype=float) * 100.0
     size = max(4.0, 0.55 * len(tasks) + 2.0)
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
-    image = ax.imshow(np.ma.masked_invalid(values), vmin=0, vmax=100, cmap="viridis")
-    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
-    ax.set_yticks(range(len(tasks)), [f"after {t}" for t in tasks])
-    for i in range(values.shape[0]):
-        for j in range(values.shape[1]):
-            if np.isfinite(values[i, j]):
-                ax.text(j, i, f"{values[i, j]:.0f}", ha="center", va="center",
-                        color="white" if values[i, j] < 60 else "black", fontsize=8)
-    ax.set_title(title)
+    image = draw_heatmap(ax, matrix, tasks, title)
     fig.colorbar(image, ax=ax, label="test accuracy (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

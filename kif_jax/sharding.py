@@ -89,6 +89,9 @@ def config_mesh(sharding: Any) -> Mesh:
     """The (data, fsdp, tensor) mesh of the config's `sharding` section, over the first devices (Auto axes)."""
     sizes = mesh_shape(sharding)
     n = math.prod(sizes.values())
+    if jax.process_count() > 1 and n != jax.device_count():
+        raise ConfigError(f"config field 'sharding.num_devices': a multi-process run's mesh takes all "
+                          f"{jax.device_count()} devices of its {jax.process_count()} processes, not {n}")
     return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                          devices=jax.devices()[:n])
 
@@ -199,7 +202,20 @@ def place(value: Any, var: nnx.Variable, mesh: Mesh | None) -> jax.Array:
     on `mesh` (each device receives only its shard), or on the default device without a mesh."""
     if mesh is None:
         return jax.numpy.asarray(value)
-    return jax.device_put(value, NamedSharding(mesh, _leaf_spec(var, mesh)))
+    return put_host(value, NamedSharding(mesh, _leaf_spec(var, mesh)))
+
+
+def put_host(value: Any, sharding: NamedSharding) -> jax.Array:
+    """A host array that every process holds whole, placed in `sharding`.
+
+    In one process this is `jax.device_put`; with several, each process transfers only its own
+    devices' shards (`jax.make_array_from_callback`), without `device_put`'s cross-process check that
+    the value is equal everywhere (an all-gather of the whole value).
+    """
+    if jax.process_count() == 1 or sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
@@ -218,9 +234,33 @@ def batch_spec(mesh: Mesh, rows: int, row_axis: int) -> P:
 
 
 def shard_rows(tree: Any, mesh: Mesh, row_axis: int) -> Any:
-    """Split axis `row_axis` (batch rows) of every leaf over the batch axes; replicate if they do not divide."""
-    return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, batch_spec(mesh, x.shape[row_axis],
-                                                                                   row_axis))), tree)
+    """Split axis `row_axis` (batch rows) of every leaf over the batch axes; replicate if they do not divide.
+
+    Every process passes the same global (host) batch; with several processes each one feeds only
+    the rows of its own devices (`jax.make_array_from_process_local_data`).
+    """
+    def put(x: Any) -> jax.Array:
+        sharding = NamedSharding(mesh, batch_spec(mesh, x.shape[row_axis], row_axis))
+        if jax.process_count() == 1 or sharding.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        return jax.make_array_from_process_local_data(sharding, process_rows(x, sharding, row_axis), x.shape)
+
+    return jax.tree.map(put, tree)
+
+
+def process_rows(x: Any, sharding: NamedSharding, row_axis: int) -> np.ndarray:
+    """This process's rows of the global host array `x` under `sharding`: the contiguous block at
+    `row_axis` that its devices hold (all rows where they are replicated)."""
+    x = np.asarray(x)
+    n = x.shape[row_axis]
+    spans = {(s[row_axis].start or 0, n if s[row_axis].stop is None else s[row_axis].stop)
+             for s in sharding.addressable_devices_indices_map(x.shape).values()}
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    covered = sum(b - a for a, b in spans)
+    if covered != hi - lo:
+        raise ValueError(f"this process's devices hold rows {sorted(spans)} of {n}: not one contiguous block; "
+                         "order the mesh's devices process by process (jax.make_mesh does)")
+    return x[(slice(None),) * row_axis + (slice(lo, hi),)]
 
 
 def per_device_bytes(tree: Any, mesh: Mesh) -> int:

@@ -279,17 +279,18 @@ def path_tuple(path: str) -> tuple[str | int, ...]:
     return tuple(int(p) if p.isdigit() else p for p in path.split("."))
 
 
-def init_lora_state(lora_abstract: nnx.State, seed: int) -> nnx.State:
+def init_lora_state(lora_abstract: nnx.State, seed: int, stream: Iterable[int] = ()) -> nnx.State:
     """Adapters as peft initialises them: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0.
 
-    Each A is drawn on the host from (seed, its path), so loading compiles nothing and an
-    adapter's initial value does not depend on which other projections are adapted.
+    Each A is drawn on the host from (seed, *stream, its path), so loading compiles nothing and an
+    adapter's initial value does not depend on which other projections are adapted. `stream` tells
+    apart several initialisations from one seed (O-LoRA's per-task branches pass the task index).
     """
     flat = []
     for path, var in nnx.to_flat_state(lora_abstract):
         shape = var.get_value().shape
         if path[-1] == "lora_a":
-            rng = np.random.default_rng([seed, zlib.crc32(dotted(path).encode())])
+            rng = np.random.default_rng([seed, *stream, zlib.crc32(dotted(path).encode())])
             bound = 1.0 / np.sqrt(shape[0])
             value = rng.uniform(-bound, bound, shape).astype(np.float32)
         else:

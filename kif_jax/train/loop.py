@@ -22,25 +22,30 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
+import kif_jax
 from kif_jax import data as kdata
 from kif_jax import metrics
 from kif_jax.checkpointing import RunCheckpointer, config_fingerprint
+from kif_jax.core import baselines
 from kif_jax.config import SYNTHETIC_DATA, split_list, validate_config
 from kif_jax.data import synthetic
+from kif_jax.distributed import barrier, fetch, is_main
 from kif_jax.data.batching import IGNORE_INDEX, BatchIterator, TokenizedDataset, collate, pad_batch, sample_batch
-from kif_jax.errors import ConfigError, NonFiniteError
+from kif_jax.errors import ConfigError, KifError, NonFiniteError
 from kif_jax.evaluation import Evaluator
 from kif_jax.models import family as models_family
 from kif_jax.models.family import ModelFamily
 from kif_jax.preemption import Preempted, PreemptionGuard
 from kif_jax.reporting import MetricsWriter, save_heatmap, write_json
+from kif_jax.report import fusion_record, leaf_layout, write_report
 from kif_jax.memory_plan import activation_bytes, memory_plan, report_memory_plan
-from kif_jax.models.layers import set_remat
+from kif_jax.models.layers import init_lora_state, set_remat
 from kif_jax.sharding import config_mesh, shard_rows, shard_tree
 from kif_jax.train.methods import MethodSpec, cycle_spec, method_spec
 from kif_jax.train.steps import Programs, TrainState, init_state, make_task_key
 
 STATIC_IMPORTANCE_STREAM = 2**31 - 1  # numpy seed word for the -DIE estimate's memory batches
+EWC_FISHER_STREAM = 2**31 - 2  # numpy seed word for the batches of EWC's Fisher estimate
 
 
 @dataclasses.dataclass
@@ -121,8 +126,11 @@ def resolve_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tup
             raise ConfigError(f"config field 'tasks': {', '.join(unknown)} are not synthetic tasks "
                               f"({', '.join(synthetic.SYNTHETIC_TASKS)})")
         s = config.synthetic
-        data_dir = synthetic.write_synthetic_benchmark(workdir / "synthetic_data", tasks, n_train=s.n_train,
-                                                       n_dev=s.n_dev, n_test=s.n_test, seed=config.seed)
+        data_dir = workdir / "synthetic_data"
+        if is_main():  # process 0 writes, the others read the same files
+            synthetic.write_synthetic_benchmark(data_dir, tasks, n_train=s.n_train, n_dev=s.n_dev, n_test=s.n_test,
+                                                seed=config.seed)
+        barrier("kif_jax_synthetic_data")
     else:
         data_dir = pathlib.Path(config.data_dir)
     splits = ("train", "dev", "test") if config.train.select_best else ("train", "test")
@@ -154,17 +162,43 @@ class MethodRun:
         return self.method.kif and phase >= 1
 
     def fresh_state(self, phase: int, params: Any, total_steps: int) -> TrainState:
-        c = self.config
-        return init_state(
+        """A fresh state of task `phase` (also the template a checkpoint of that task is restored into)."""
+        c, method = self.config, self.method
+        if method.lora_branches and phase >= 1:  # O-LoRA: every task after the first trains a fresh branch
+            params = init_lora_state(self.ctx.init_params, c.seed, stream=(phase,))
+        state = init_state(
             params, self.ctx.programs.tx, key=make_task_key(c.seed, phase, c.train.prng_impl), total_steps=total_steps,
             importance=self._uses_importance(phase),
             separate_outer=self._uses_importance(phase) and c.kif.outer_optimizer == "separate",
             merge_accumulators=self._uses_importance(phase) and self.method.merge_at_task_end,
             select_best=c.train.select_best)
+        # The prior methods' parts, shaped as in task `phase` (their values come from `next_phase_state`).
+        if method.lora_branches and phase >= 1:
+            state = state.replace(old_lora=baselines.lora_zeros(state.params, phase))
+        if method.skill_consolidation:
+            state = state.replace(imp_in=kif_jax.init_importance(state.params), anchor=jax.tree.map(jnp.copy, params),
+                                  unit_scores=jnp.zeros((len(jax.tree.leaves(params)),), jnp.float32))
+        if method.fisher_penalty:
+            state = state.replace(fisher=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params),
+                                  star=jax.tree.map(jnp.copy, params))
+        return state
+
+    def model_params(self, state: TrainState) -> Any:
+        """The LoRA (or trainable) tree the model runs with: O-LoRA's old and new branches side by side."""
+        return baselines.lora_concat(state.old_lora, state.params)
 
     def next_phase_state(self, prev: TrainState | None, phase: int, params: Any, total_steps: int) -> TrainState:
         """Reset at the task boundary (reference), or carry optimizer and importance states over."""
         state = self.fresh_state(phase, params, total_steps)
+        if prev is not None:  # the prior methods' state between tasks, whatever the reset switch says
+            if self.method.lora_branches:  # the finished task's branch joins the old one
+                state = state.replace(old_lora=baselines.lora_concat(prev.old_lora, prev.params))
+            if self.method.skill_consolidation:
+                state = state.replace(unit_scores=prev.unit_scores)
+            if self.method.fisher_penalty:
+                state = state.replace(fisher=prev.fisher, star=prev.star)
+        if prev is not None and jax.tree.structure(prev.prev_masks) == jax.tree.structure(state.prev_masks):
+            state = state.replace(prev_masks=prev.prev_masks)  # logged only: mask overlap across the task boundary
         if prev is None or self.config.train.reset_at_task_boundary:
             return state
         carried = {"opt_state": prev.opt_state}
@@ -196,6 +230,8 @@ class MethodRun:
     def plan_memory(self) -> None:
         """memory.json from the shardings of the method's largest state, before anything compiles."""
         phase = 1 if self.method.kif and len(self.phases) > 1 else 0
+        if self.method.lora_branches:  # the old branch grows with every task
+            phase = len(self.phases) - 1
         state = jax.eval_shape(lambda: self.fresh_state(phase, self.ctx.init_params, 1))
         plan = memory_plan(state, self.ctx.frozen, self.ctx.mesh, activations=self.ctx.activations)
         report_memory_plan(plan, self.dir / "memory.json", self.method.name)
@@ -249,7 +285,8 @@ class MethodRun:
             iterator_state, trained = None, False
             params = state.params
             t0 = time.perf_counter()
-            self.evaluate_phase(phase, params, preempted=lambda: self._save_trained_and_stop(ckpt, state, phase, writer))
+            self.evaluate_phase(phase, self.model_params(state),
+                                preempted=lambda: self._save_trained_and_stop(ckpt, state, phase, writer))
             self.timing["eval_s"] += time.perf_counter() - t0
             writer.write({"event": "task_end", "method": self.method.name, "phase": phase,
                           "tasks": self.phases[phase], "accuracy": self.R[self._row(phase)].tolist(),
@@ -260,8 +297,9 @@ class MethodRun:
 
         result = metrics.make_results(self.method.name, ctx.tasks, self.R, zero_shot=self.zero_shot,
                                       config=c.to_dict(), timing=self.timing)
-        write_json(self.dir / "results.json", result)
-        save_heatmap(self.dir / "accuracy_matrix.png", self.R, ctx.tasks, title=self.method.name)
+        if is_main():
+            write_json(self.dir / "results.json", result)
+            save_heatmap(self.dir / "accuracy_matrix.png", self.R, ctx.tasks, title=self.method.name)
         return result
 
     def _row(self, phase: int) -> int:
@@ -316,7 +354,7 @@ class MethodRun:
             if kif and not method.dynamic_outer_importance:
                 rng = np.random.default_rng([c.seed, phase, STATIC_IMPORTANCE_STREAM])
                 draws = [sample_batch(memory, c.kif.outer_batch_size, rng) for _ in range(c.kif.static_batches)]
-                spec = cycle_spec(method, c.kif, inner_steps=0, with_outer=True)
+                spec = cycle_spec(method, c.kif, inner_steps=0, with_outer=True, config=c, phase=phase)
                 shape = self._common_shape(draws)
                 state = programs.estimate_outer_importance(state, frozen, self.stack(draws, *shape), spec=spec)
         dev = self._dev_batches(phase) if c.train.select_best else None
@@ -331,7 +369,7 @@ class MethodRun:
         while step < total:
             q = min(q_full, total - step)
             with_outer = kif and (q == q_full or c.kif.fuse_partial_cycle)
-            spec = cycle_spec(method, c.kif, inner_steps=q, with_outer=with_outer)
+            spec = cycle_spec(method, c.kif, inner_steps=q, with_outer=with_outer, config=c, phase=phase)
             inner = [iterator.next() for _ in range(q)]
             outer: list[dict] = []
             if with_outer:
@@ -342,14 +380,14 @@ class MethodRun:
             t0 = time.perf_counter()
             state, out = programs.run_cycle(state, frozen, self.stack(inner, *shape),
                                             self.stack(outer, *shape) if outer else None, spec=spec)
-            out = jax.device_get(out)
+            out = fetch(out)
             elapsed = time.perf_counter() - t0
             self.timing["train_s"] += elapsed
             self._check_finite(out, phase, step)
             step += q
             self._log_cycle(writer, bar, out, phase, step, q, tokens, elapsed)
             if dev is not None and step // c.train.select_every_steps > (step - q) // c.train.select_every_steps:
-                loss = programs.dev_loss(state.params, frozen, dev)
+                loss = programs.dev_loss(self.model_params(state), frozen, dev)
                 writer.write({"event": "dev_loss", "method": method.name, "phase": phase, "step": step,
                               "dev_loss": float(loss)})
                 better = loss < state.best_loss
@@ -366,11 +404,32 @@ class MethodRun:
                 raise Preempted(method=method.name, task=phase + 1, step=step, saved=True)
         bar.close()
         if kif and method.merge_at_task_end:
-            spec = cycle_spec(method, c.kif, inner_steps=q_full, with_outer=True)
+            spec = cycle_spec(method, c.kif, inner_steps=q_full, with_outer=True, config=c, phase=phase)
             state, stats = programs.merge_task(state, spec=spec)
-            writer.write({"event": "global_merge", "method": method.name, "phase": phase, **jax.device_get(stats)})
+            stats = fetch(stats)
+            fusion = stats.pop("fusion", None)
+            writer.write({"event": "global_merge", "method": method.name, "phase": phase, **stats})
+            if fusion is not None:
+                self._log_fusion(writer, fusion, phase, step, first=True)
         if c.train.select_best:
             state = state.replace(params=state.best_params)
+        return self._end_task(phase, state, train_set, writer)
+
+    def _end_task(self, phase: int, state: TrainState, train_set: TokenizedDataset,
+                  writer: MetricsWriter) -> TrainState:
+        """The prior methods' work at a task end, before its evaluation and its checkpoint."""
+        c, method, programs = self.config, self.method, self.ctx.programs
+        head = {"method": method.name, "phase": phase}
+        if method.skill_consolidation:  # TaSL: unit scores; from task 2 on, the unit-wise merge
+            state, stats = programs.consolidate_skills(state, first=phase == 0, quantile=float(c.tasl.quantile))
+            writer.write({"event": "tasl_consolidation", **head, **{k: int(v) for k, v in fetch(stats).items()}})
+        if method.fisher_penalty:  # EWC: this task's Fisher joins the sum; theta* = the parameters now
+            rng = np.random.default_rng([c.seed, phase, EWC_FISHER_STREAM])
+            draws = [sample_batch(train_set, c.train.batch_size, rng) for _ in range(c.ewc.fisher_batches)]
+            state, stats = programs.update_fisher(state, self.ctx.frozen, self.stack(draws, *self._common_shape(draws)))
+            stats = fetch(stats)
+            writer.write({"event": "ewc_fisher", **head, "fisher_batches": int(stats["fisher_batches"]),
+                          "fisher_mean": float(stats["fisher_mean"])})
         return state
 
     def _common_shape(self, batches: list[dict]) -> tuple[int, int]:
@@ -408,10 +467,22 @@ class MethodRun:
                   "skipped_steps": int(q - np.sum(out["inner_finite"]))}
         if "outer_loss" in out:
             record["outer_loss"] = float(np.mean(out["outer_loss"]))
-        for key in ("mask_in_frac", "mask_out_frac", "mask_both_frac"):
+        for key in ("mask_in_frac", "mask_out_frac", "mask_both_frac", "w_in_mean"):
             if key in out:
                 record[key] = float(out[key])
+        if "inner_penalty" in out:  # O-LoRA / EWC: the loss term besides the cross-entropy (`loss`)
+            record["penalty"] = float(np.mean(out["inner_penalty"]))
         writer.write(record)
+        if "fusion" in out:
+            self._log_fusion(writer, out["fusion"], phase, step, first=step == q)
+
+    def _log_fusion(self, writer: MetricsWriter, stats: dict, phase: int, step: int, *, first: bool) -> None:
+        """A "fusion_stats" record (kif_jax/report.py); a task's first one follows a "fusion_leaves" record."""
+        head = {"method": self.method.name, "phase": phase}
+        if first:
+            writer.write({"event": "fusion_leaves", **head, **leaf_layout(self.ctx.init_params)})
+        writer.write({"event": "fusion_stats", **head, "task": ",".join(self.phases[phase]), "step": step,
+                      **fusion_record(stats)})
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, dict]:
@@ -445,5 +516,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             results[name] = MethodRun(ctx, method_spec(name)).run()
             logging.info("%s finished in %.1f s", name, time.perf_counter() - t0)
     table = metrics.comparison_table(results)
-    (workdir / "comparison.md").write_text(table + "\n")
+    if is_main():
+        (workdir / "comparison.md").write_text(table + "\n")
+    if jax.process_index() == 0:
+        try:  # the results are written: a report that cannot be built costs a warning, not the run
+            logging.info("comparison report in %s", write_report(workdir, skip_unfinished=True))
+        except KifError as err:
+            logging.warning("no comparison report (%s); rebuild it with: python -m kif_jax.report %s", err, workdir)
     return results

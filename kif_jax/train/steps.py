@@ -18,6 +18,8 @@ from flax import nnx, struct
 import kif_jax
 from kif_jax import sharding
 from kif_jax.models.family import ModelFamily
+from kif_jax.report import fusion_stats
+from kif_jax.core import baselines
 from kif_jax.train.methods import CycleSpec
 
 Batch = dict[str, jax.Array]
@@ -40,7 +42,13 @@ class TrainState:
     acc_out: Any  # global merge: summed outer task vectors, else ()
     best_params: Any  # select_best: parameters with the lowest dev loss so far, else ()
     best_loss: jax.Array  # float32 [], that dev loss (inf before the first measurement)
+    prev_masks: Any  # KIF: (inner, outer) bool masks of the last fusion, for the mask-overlap statistics, else ()
     rng: jax.Array  # uint32 key data of the task's dropout key (see `dropout_key`); steps fold in counters
+    # The prior methods' state between tasks (kif_jax/train/methods.py), checkpointed with the rest:
+    old_lora: Any = ()  # O-LoRA: the frozen old branch (earlier tasks' factors side by side), else ()
+    unit_scores: Any = ()  # TaSL: float32 [units] accumulated unit scores of the earlier tasks, else ()
+    fisher: Any = ()  # EWC: the summed diagonal Fisher of the earlier tasks (float32), else ()
+    star: Any = ()  # EWC: the parameters at the latest task end, else ()
 
 
 def make_task_key(seed: int, phase: int, impl: str) -> jax.Array:
@@ -97,6 +105,7 @@ class Programs:
         self.warmup_steps = warmup_steps
         self.outer_lr = outer_lr
         self.tx = adam_transform(max_grad_norm, weight_decay)
+        self.max_grad_norm = max_grad_norm
         donate_args = ("state",) if donate else ()
         self.run_cycle = jax.jit(self._pinned(self._run_cycle), static_argnames=("spec",),
                                  donate_argnames=donate_args)
@@ -104,6 +113,8 @@ class Programs:
                                                  static_argnames=("spec",))
         self.merge_task = jax.jit(self._pinned(self._merge_task), static_argnames=("spec",))
         self.dev_loss = jax.jit(self._dev_loss)
+        self.consolidate_skills = jax.jit(self._pinned(self._consolidate_skills), static_argnames=("first", "quantile"))
+        self.update_fisher = jax.jit(self._pinned(self._update_fisher))
 
     def _constrain(self, tree: Any) -> Any:
         """`tree` pinned to its `kif_jax.sharding` layout on the mesh (no-op without a mesh)."""
@@ -121,14 +132,19 @@ class Programs:
         """Mean target cross-entropy of one micro-batch [mb, L] (padding ignored), and its token count."""
         return self.family.token_loss(nnx.merge(self.graphdef, params, frozen), batch, key=key)
 
-    def accumulated_grads(self, params: Any, frozen: Any, batch: Batch, key: jax.Array) -> tuple[jax.Array, Any]:
-        """Loss and gradient averaged over the A micro-batches of a [A, mb, L] batch (HF Trainer's accumulation)."""
-        grad_fn = jax.value_and_grad(lambda p, micro, k: self.token_loss(p, frozen, micro, k)[0])
+    def accumulated_grads(self, params: Any, frozen: Any, batch: Batch, key: jax.Array | None,
+                          old: Any = ()) -> tuple[jax.Array, Any]:
+        """Loss and gradient averaged over the A micro-batches of a [A, mb, L] batch (HF Trainer's accumulation).
+
+        `key` None: no dropout. `old`: O-LoRA's frozen old branch, which the model adds (not differentiated).
+        """
+        grad_fn = jax.value_and_grad(
+            lambda p, micro, k: self.token_loss(baselines.lora_concat(old, p), frozen, micro, k)[0])
 
         def body(carry, xs):
             loss_sum, grad_sum = carry
             micro, index = xs
-            loss, grads = grad_fn(params, micro, jax.random.fold_in(key, index))
+            loss, grads = grad_fn(params, micro, None if key is None else jax.random.fold_in(key, index))
             return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
         n_micro = batch["input_ids"].shape[0]
@@ -149,6 +165,14 @@ class Programs:
     def _importance(self, imp: Any, params: Any, grads: Any, spec: CycleSpec) -> Any:
         return kif_jax.update_importance(imp, params, grads, beta1=spec.beta1, beta2=spec.beta2, order=spec.order)
 
+    def _penalty(self, params: Any, state: TrainState, spec: CycleSpec) -> jax.Array:
+        """The prior methods' loss terms besides the cross-entropy (O-LoRA's, EWC's), float32 []."""
+        total = baselines.o_lora_loss(state.old_lora, params, lambda1=spec.orth_lambda if jax.tree.leaves(
+            state.old_lora) else 0.0, lambda2=spec.l2_lambda)
+        if spec.ewc_lambda:
+            total = total + baselines.ewc_penalty(params, state.star, state.fisher, lam=spec.ewc_lambda)
+        return total
+
     def _step(self, state: TrainState, batch: Batch, outer: bool | jax.Array, outer_index: jax.Array | int,
               frozen: Any, spec: CycleSpec) -> tuple[TrainState, dict]:
         """One optimizer step on a [A, mb, L] batch: inner (current task) or, if `outer`, outer (memory).
@@ -158,7 +182,11 @@ class Programs:
         """
         stream = jnp.where(outer, OUTER_STREAM, INNER_STREAM)
         counter = jnp.where(outer, state.step * spec.outer_steps + outer_index, state.step)
-        loss, grads = self.accumulated_grads(state.params, frozen, batch, self._key(state, stream, counter))
+        loss, grads = self.accumulated_grads(state.params, frozen, batch, self._key(state, stream, counter),
+                                             old=state.old_lora)
+        if spec.penalised:  # once per step: the mean over micro-batches of (CE + P) is mean CE + P
+            penalty, penalty_grads = jax.value_and_grad(self._penalty)(state.params, state, spec)
+            grads = jax.tree.map(jnp.add, grads, penalty_grads)
         grads = self._constrain(grads)
         # Outer steps with the shared optimizer (reference quirk) use the inner AdamW state and the
         # current learning rate without advancing the schedule, which counts inner steps only.
@@ -179,15 +207,24 @@ class Programs:
             outer_opt_state = state.outer_opt_state
         new = state.replace(params=params, opt_state=opt_state, outer_opt_state=outer_opt_state)
         at = params if spec.importance_at_updated_params else state.params
-        if spec.track_importance:
+        if spec.track_importance and spec.importance_clipped_grads:  # TaSL: the reference's clipped p.grad
+            imp_in = self._importance(state.imp_in, at, optax.clip_by_global_norm(self.max_grad_norm).update(
+                grads, optax.EmptyState())[0], spec)
+            skip = outer | (state.step < spec.importance_first_step)
+            new = new.replace(imp_in=_where_tree(skip, state.imp_in, imp_in))
+        elif spec.track_importance:
             new = new.replace(imp_in=_where_tree(outer, state.imp_in, self._importance(state.imp_in, at, grads, spec)))
         if spec.outer_steps and spec.update_outer_importance:
             new = new.replace(imp_out=_where_tree(outer, self._importance(state.imp_out, at, grads, spec),
                                                   state.imp_out))
         ok = jnp.isfinite(loss) & _all_finite(grads)
+        if spec.penalised:
+            ok = ok & jnp.isfinite(penalty)
         new = _where_tree(ok, new, state).replace(step=state.step + jnp.where(outer, 0, 1).astype(jnp.int32))
         new = self._constrain(new)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr, "finite": ok}
+        if spec.penalised:
+            metrics["penalty"] = penalty
         return new, metrics
 
     def _masks(self, imp: Any, spec: CycleSpec) -> Any:
@@ -197,12 +234,19 @@ class Programs:
         method = "bisect" if self.mesh is not None and sharding.is_sharded(scores, self.mesh) else spec.threshold_method
         return kif_jax.importance_masks(scores, quantile=spec.quantile, scope=spec.scope, method=method)
 
-    def _fuse(self, base: Any, tau_in: Any, tau_out: Any, state: TrainState, spec: CycleSpec) -> tuple[Any, dict]:
-        """theta = base + w_in*tau_in + w_out*tau_out, with mask statistics for the logs."""
+    def _fuse(self, base: Any, tau_in: Any, tau_out: Any, state: TrainState,
+              spec: CycleSpec) -> tuple[Any, dict, TrainState]:
+        """theta = base + w_in*tau_in + w_out*tau_out, with mask statistics for the logs.
+
+        Returns the fused parameters, the statistics, and `state` with its masks remembered (`prev_masks`),
+        for the next fusion's overlap statistics.
+        """
+        if spec.adaptive:  # +Adaptive: no masks
+            return self._fuse_adaptive(base, tau_in, tau_out, state, spec)
         if not spec.identify:
             ones = jax.tree.map(lambda x: jnp.ones(x.shape, bool), base)
             fused = kif_jax.fuse_with_masks(base, tau_in, tau_out, ones, ones, scheme="binary")
-            return fused, {}
+            return fused, {}, state
         mask_in, mask_out = self._masks(state.imp_in, spec), self._masks(state.imp_out, spec)
         fused = kif_jax.fuse_with_masks(base, tau_in, tau_out, mask_in, mask_out, scheme=spec.scheme)
         both = jax.tree.map(jnp.logical_and, mask_in, mask_out)
@@ -210,8 +254,12 @@ class Programs:
             "mask_in_frac": kif_jax.mask_fractions(mask_in),
             "mask_out_frac": kif_jax.mask_fractions(mask_out),
             "mask_both_frac": kif_jax.mask_fractions(both),
+            # Per-leaf shares, magnitudes inside / outside the masks, overlap with the last fusion (kif_jax/report.py).
+            "fusion": fusion_stats(tau_in, tau_out, mask_in, mask_out, state.prev_masks or None),
         }
-        return fused, stats
+        if state.prev_masks:
+            state = state.replace(prev_masks=(mask_in, mask_out))
+        return fused, stats, state
 
     # --- programs -----------------------------------------------------------------------------
     def _run_cycle(self, state: TrainState, frozen: Any, inner_batches: Batch, outer_batches: Batch | None,
@@ -248,7 +296,7 @@ class Programs:
             return state.replace(acc_in=jax.tree.map(jnp.add, state.acc_in, tau_in),
                                  acc_out=jax.tree.map(jnp.add, state.acc_out, tau_out)), metrics
         if spec.fuse:
-            fused, stats = self._fuse(theta_t, tau_in, tau_out, state, spec)
+            fused, stats, state = self._fuse(theta_t, tau_in, tau_out, state, spec)
             metrics.update(stats)
             state = state.replace(params=fused)
             if spec.reset_inner:
@@ -257,9 +305,49 @@ class Programs:
                 state = state.replace(imp_out=kif_jax.init_importance(fused))
         return state, metrics
 
+    def _fuse_adaptive(self, base: Any, tau_in: Any, tau_out: Any, state: TrainState,
+                       spec: CycleSpec) -> tuple[Any, dict, TrainState]:
+        """+Adaptive: weights w_in = S_in / (S_in + S_out), w_out = 1 - w_in from min-max normalised scores."""
+        w_in, w_out = baselines.adaptive_weights(kif_jax.importance_scores(state.imp_in, kind=spec.score),
+                                                 kif_jax.importance_scores(state.imp_out, kind=spec.score))
+        fused = kif_jax.fuse_with_weights(base, tau_in, tau_out, w_in, w_out)
+        leaves = jax.tree.leaves(w_in)
+        w_in_mean = sum(jnp.sum(w) for w in leaves) / sum(w.size for w in leaves)
+        return fused, {"w_in_mean": w_in_mean}, state
+
+    def _consolidate_skills(self, state: TrainState, *, first: bool, quantile: float) -> tuple[TrainState, dict]:
+        """TaSL at a task end: unit scores of the task; from task 2 on, the unit-wise merge with the
+        consolidated parameters the task started from (`anchor`) and the new accumulated scores."""
+        current = baselines.unit_scores(kif_jax.importance_scores(state.imp_in))
+        if first:  # task 1 is kept as trained; its scores are the accumulated ones
+            return state.replace(unit_scores=current), {"units": jnp.int32(current.size)}
+        w, accumulated = baselines.tasl_weights(current, state.unit_scores, quantile=quantile)
+        merged = baselines.tasl_merge(state.anchor, state.params, w)
+        stats = {"units": jnp.int32(current.size), "units_current_only": jnp.sum(w == 1.0),
+                 "units_previous_only": jnp.sum(w == 0.0), "units_both": jnp.sum(w == 0.3)}
+        return state.replace(params=merged, unit_scores=accumulated), stats
+
+    def _update_fisher(self, state: TrainState, frozen: Any, batches: Batch) -> tuple[TrainState, dict]:
+        """EWC at a task end: F += mean over the K batches [K, A, mb, L] of the squared gradient of the
+        batch's mean token loss (no dropout; non-finite batches left out); theta* = the parameters."""
+
+        def body(carry, batch):
+            total, count = carry
+            loss, grads = self.accumulated_grads(state.params, frozen, batch, None, old=state.old_lora)
+            ok = jnp.isfinite(loss) & _all_finite(grads)
+            total = jax.tree.map(lambda t, g: t + jnp.where(ok, jnp.square(g.astype(jnp.float32)), 0.0), total, grads)
+            return (self._constrain(total), count + ok.astype(jnp.int32)), None
+
+        zeros = self._constrain(jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), state.params))
+        (total, count), _ = jax.lax.scan(body, (zeros, jnp.int32(0)), batches)
+        fisher = jax.tree.map(lambda f, t: f + t / jnp.maximum(count, 1), state.fisher, total)
+        leaves = jax.tree.leaves(fisher)
+        stats = {"fisher_batches": count, "fisher_mean": sum(jnp.sum(f) for f in leaves) / sum(f.size for f in leaves)}
+        return state.replace(fisher=fisher, star=jax.tree.map(jnp.copy, state.params)), stats
+
     def _merge_task(self, state: TrainState, *, spec: CycleSpec) -> tuple[TrainState, dict]:
         """Global merge: one fusion of the task's summed task vectors from its starting parameters."""
-        fused, stats = self._fuse(state.anchor, state.acc_in, state.acc_out, state, spec)
+        fused, stats, state = self._fuse(state.anchor, state.acc_in, state.acc_out, state, spec)
         return state.replace(params=fused), stats
 
     def _estimate_outer_importance(self, state: TrainState, frozen: Any, batches: Batch, *,
@@ -292,6 +380,7 @@ def init_state(params: Any, tx: optax.GradientTransformation, *, key: jax.Array,
                importance: bool, separate_outer: bool, merge_accumulators: bool, select_best: bool) -> TrainState:
     """A fresh state for one task (or phase); only the parts the method uses are allocated."""
     zeros = functools.partial(jax.tree.map, jnp.zeros_like)
+    no_mask = functools.partial(jax.tree.map, lambda p: jnp.zeros(jnp.shape(p), bool))
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         total_steps=jnp.asarray(total_steps, jnp.int32),
@@ -305,5 +394,6 @@ def init_state(params: Any, tx: optax.GradientTransformation, *, key: jax.Array,
         acc_out=zeros(params) if merge_accumulators else (),
         best_params=jax.tree.map(jnp.copy, params) if select_best else (),
         best_loss=jnp.asarray(jnp.inf, jnp.float32),
+        prev_masks=(no_mask(params), no_mask(params)) if importance else (),
         rng=key,
     )
