@@ -317,6 +317,19 @@ TINY_PRESETS: dict[str, DecoderConfig] = {
 }
 
 
+#: The published `config.json` sizes of presets whose checkpoints are gated and large, so a run can be
+#: sized without them (`python -m kif_jax.memory_plan`, used only when the checkpoint's own config.json
+#: is neither a local directory nor in the hub cache). Loading weights always reads the checkpoint's.
+_LLAMA2 = dict(model_type="llama", vocab_size=32000, rms_norm_eps=1e-5, rope_theta=10000.0,
+               max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+PRESET_CONFIGS: dict[str, DecoderConfig] = {
+    **{name: DecoderConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=32, **_LLAMA2) for name in ("llama-2-7b", "llama-2-7b-chat")},
+    **{name: DecoderConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                           num_key_value_heads=40, **_LLAMA2) for name in ("llama-2-13b", "llama-2-13b-chat")},
+}
+
+
 def hub_id(name: str) -> str | None:
     """The hub id of a named preset (None for a from-scratch `TINY_PRESETS` config)."""
     if name not in PRESETS:
