@@ -67,13 +67,11 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_vs_torch import (  # noqa: E402
-    CLIP, LR, decoder_flops, make_batch, matmul_roofline, t5_flops, torch_peer)
+    CLIP, LR, decoder_flops, kif_jax_step, make_batch, matmul_roofline, t5_flops, torch_peer)
 
 from kif_jax import models  # noqa: E402
 from kif_jax.models.decoder import PRESET_CONFIGS  # noqa: E402
 from kif_jax.models.layers import REMAT_POLICIES, set_remat  # noqa: E402
-from kif_jax.train.methods import CycleSpec  # noqa: E402
-from kif_jax.train.steps import Programs, init_state, make_task_key  # noqa: E402
 
 #: dense bf16 peak FLOP/s by a substring of the device name (jax's device_kind / torch's device name).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -149,23 +147,7 @@ def run_shape(shape: str, args: argparse.Namespace, peak: float, peak_what: str,
     b = make_batch(np.random.default_rng(0), causal, batch, input_len, target_len, config.vocab_size)
     tokens = batch * (input_len + target_len)
 
-    # kif_jax: the training program itself (Programs.run_cycle, one SeqLoRA step per call, state donated).
-    graphdef, lora_state, frozen = nnx.split(model, models.LoRAParam, ...)
-    programs = Programs(graphdef, family=family, lr=LR, warmup_steps=0, max_grad_norm=CLIP, weight_decay=0.0,
-                        outer_lr=LR, donate=True)
-    spec = CycleSpec(inner_steps=1)
-    jb = {k: jnp.asarray(v[None, None]) for k, v in b.items()}  # [Q=1, A=1, mb, L]
-    holder = {"state": init_state(lora_state, programs.tx, key=make_task_key(0, 1, "rbg"), total_steps=10_000,
-                                  importance=False, separate_outer=False, merge_accumulators=False,
-                                  select_best=False)}
-
-    def jax_step() -> float:
-        holder["state"], metrics = programs.run_cycle(holder["state"], frozen, jb, None, spec=spec)
-        return float(metrics["inner_loss"][0])
-
-    jax_loss0 = float(jax.jit(lambda l, f, x: family.token_loss(nnx.merge(graphdef, l, f), x, key=None)[0])(
-        lora_state, frozen, {k: jnp.asarray(v) for k, v in b.items()}))
-    n_lora = sum(x.size for x in jax.tree.leaves(lora_state))
+    jax_step, jax_loss0, n_lora = kif_jax_step(model, family, b)
 
     print(f"\n{shape}: {what}; {args.dtype} compute and base weights, float32 LoRA ({n_lora:,} values); "
           f"batch {batch} x ({input_len} + {target_len}) tokens; remat {remat}; "

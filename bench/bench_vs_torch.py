@@ -40,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +150,30 @@ def main() -> None:
         run_shape(shape, args, roofline)
 
 
+def kif_jax_step(model: Any, family: Any, batch: dict) -> tuple[Callable[[], float], float, int]:
+    """kif_jax's training program itself (Programs.run_cycle, one SeqLoRA step per call, state donated).
+
+    Returns the step (it returns the step's loss, a host sync), the loss with dropout off before any
+    step, and the number of LoRA values.
+    """
+    graphdef, lora_state, frozen = nnx.split(model, models.LoRAParam, ...)
+    programs = Programs(graphdef, family=family, lr=LR, warmup_steps=0, max_grad_norm=CLIP, weight_decay=0.0,
+                        outer_lr=LR, donate=True)
+    spec = CycleSpec(inner_steps=1)
+    stacked = {k: jnp.asarray(v[None, None]) for k, v in batch.items()}  # [Q=1, A=1, mb, L]
+    holder = {"state": init_state(lora_state, programs.tx, key=make_task_key(0, 1, "rbg"), total_steps=10_000,
+                                  importance=False, separate_outer=False, merge_accumulators=False,
+                                  select_best=False)}
+
+    def step() -> float:
+        holder["state"], metrics = programs.run_cycle(holder["state"], frozen, stacked, None, spec=spec)
+        return float(metrics["inner_loss"][0])
+
+    loss0 = float(jax.jit(lambda l, f, x: family.token_loss(nnx.merge(graphdef, l, f), x, key=None)[0])(
+        lora_state, frozen, {k: jnp.asarray(v) for k, v in batch.items()}))
+    return step, loss0, sum(x.size for x in jax.tree.leaves(lora_state))
+
+
 def run_shape(shape: str, args: argparse.Namespace, roofline: float) -> None:
     import torch
 
@@ -177,22 +202,7 @@ def run_shape(shape: str, args: argparse.Namespace, roofline: float) -> None:
     b = make_batch(rng, causal, batch, input_len, target_len, config.vocab_size)
     tokens = batch * (input_len + target_len)
 
-    # kif_jax: the training program itself (Programs.run_cycle, one SeqLoRA step per call, state donated).
-    graphdef, lora_state, frozen = nnx.split(model, models.LoRAParam, ...)
-    programs = Programs(graphdef, family=family, lr=LR, warmup_steps=0, max_grad_norm=CLIP, weight_decay=0.0,
-                        outer_lr=LR, donate=True)
-    spec = CycleSpec(inner_steps=1)
-    jb = {k: jnp.asarray(v[None, None]) for k, v in b.items()}  # [Q=1, A=1, mb, L]
-    holder = {"state": init_state(lora_state, programs.tx, key=make_task_key(0, 1, "rbg"), total_steps=10_000,
-                                  importance=False, separate_outer=False, merge_accumulators=False,
-                                  select_best=False)}
-
-    def jax_step() -> float:
-        holder["state"], metrics = programs.run_cycle(holder["state"], frozen, jb, None, spec=spec)
-        return float(metrics["inner_loss"][0])
-
-    jax_loss0 = float(jax.jit(lambda l, f, x: family.token_loss(nnx.merge(graphdef, l, f), x, key=None)[0])(
-        lora_state, frozen, {k: jnp.asarray(v) for k, v in b.items()}))
+    jax_step, jax_loss0, n_lora = kif_jax_step(model, family, b)
 
     peer = torch_peer(model, causal, dropout)
     tb = {k: torch.from_numpy(v.astype(np.int64)) for k, v in b.items()}
@@ -211,7 +221,6 @@ def run_shape(shape: str, args: argparse.Namespace, roofline: float) -> None:
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    n_lora = sum(x.size for x in jax.tree.leaves(lora_state))
     n_torch = sum(p.numel() for p in params)
     print(f"\n{shape}: {what}; batch {batch} x ({input_len} + {target_len}) tokens; LoRA values {n_lora:,} "
           f"(torch {n_torch:,}); dropout {'as the reference (LoRA 0.05)' if dropout else 'off in both'}")

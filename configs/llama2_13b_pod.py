@@ -11,29 +11,20 @@ local copy).
 
     python main.py --config=configs/llama2_13b_pod.py --workdir=/mnt/shared/runs/llama2_13b_pod
 """
-import os
+import importlib.util
+import pathlib
 
-from kif_jax.config import base_config
+
+def _single_host_config():
+    """configs/llama2_13b.py's config (config files are loaded by path, not as a package)."""
+    spec = importlib.util.spec_from_file_location("llama2_13b", pathlib.Path(__file__).with_name("llama2_13b.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def get_config():
-    c = base_config()
-    # As configs/llama2_13b.py (tests/test_multihost.py checks that only the fields below differ).
-    c.methods = "recurrent_kif"
-    c.data_dir = os.environ.get("KIF_DATA_DIR", "data/cl_benchmark")  # <split>/<task>.json files
-    c.benchmark = "long"
-    c.order = 1
-    c.model.name = "llama-2-13b-chat"  # preset: hub id meta-llama/Llama-2-13b-chat-hf
-    c.model.prompt_template = "alpaca"
-    c.model.dtype = "bfloat16"
-    c.model.lora.targets = "q_proj,v_proj"
-    c.train.batch_size = 64
-    c.train.max_input_length = 512
-    c.train.max_target_length = 32
-    c.kif.outer_batch_size = 64
-    c.eval.batch_size = 32
-    c.eval.max_new_tokens = 128
-    c.checkpoint.every_steps = 100
+    c = _single_host_config()
     # The pod: FSDP over all chips of the slice (16 or 32), rows of each micro-batch split over them.
     c.sharding.num_devices = 0
     c.sharding.data_parallelism = 1

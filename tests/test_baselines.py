@@ -1,5 +1,6 @@
 """The prior methods O-LoRA, TaSL, EWC and the +Adaptive ablation: their arithmetic on literal examples worked
 by hand, every one end to end on the tiny T5 (O-LoRA also on a tiny decoder), exact resumption, config errors."""
+import functools
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from flax import nnx
 
 import kif_jax
 import tiny_config
+from tiny_models import random_t5_batches, tiny_t5_lora
 from kif_jax import cli, models
 from kif_jax.config import BASELINE_METHODS, validate_config
 from kif_jax.core import baselines
@@ -136,18 +138,8 @@ def test_ewc_penalty_by_hand():
     np.testing.assert_array_equal(grads["b"], [[4.0]])
 
 
-def _tiny_lora_model():
-    config = models.T5Config(vocab_size=259, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
-                             num_heads=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                             scale_decoder_outputs=False, dropout_rate=0.0)
-    return models.T5(config, lora=models.LoRAConfig(rank=4, alpha=8.0, dropout=0.0), rngs=nnx.Rngs(3))
-
-
-def _random_batches(rng, n, micro=2, rows=2, length=12, target=4):
-    ids = rng.integers(3, 259, size=(n, micro, rows, length)).astype(np.int32)
-    labels = rng.integers(3, 259, size=(n, micro, rows, target)).astype(np.int32)
-    dec = np.concatenate([np.zeros_like(labels[..., :1]), labels[..., :-1]], axis=-1)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "decoder_input_ids": dec, "labels": labels}
+_tiny_lora_model = tiny_t5_lora
+_random_batches = functools.partial(random_t5_batches, micro=2, rows=2, length=12, target=4)
 
 
 def test_ewc_fisher_is_the_mean_squared_batch_gradient_and_sums_over_tasks():

@@ -1,6 +1,7 @@
 """Scale-out on 8 CPU devices: fusion on explicit and auto meshes, the (data, fsdp, tensor) mesh from the
 config, every training state in its parameters' sharding, FSDP / tensor-parallel runs that follow the
 1-device run, the memory plan, and per-layer rematerialisation."""
+import functools
 import json
 import math
 
@@ -14,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 import kif_jax
 import tiny_config
+from tiny_models import random_t5_batches, tiny_t5_lora
 from kif_jax import models, sharding
 from kif_jax.config import validate_config
 from kif_jax.errors import ConfigError
@@ -95,18 +97,8 @@ def test_logical_specs_follow_the_rules_table():
 # --------------------------------------------------------------------------------------------
 
 
-def _tiny_t5():
-    config = models.T5Config(vocab_size=259, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
-                             num_heads=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                             scale_decoder_outputs=False, dropout_rate=0.0)
-    return models.T5(config, lora=models.LoRAConfig(rank=4, alpha=8.0, dropout=0.0), rngs=nnx.Rngs(3))
-
-
-def _batches(rng, n, micro=1, rows=8, length=16, target=4):
-    ids = rng.integers(3, 259, size=(n, micro, rows, length)).astype(np.int32)
-    labels = rng.integers(3, 259, size=(n, micro, rows, target)).astype(np.int32)
-    dec = np.concatenate([np.zeros_like(labels[..., :1]), labels[..., :-1]], axis=-1)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "decoder_input_ids": dec, "labels": labels}
+_tiny_t5 = tiny_t5_lora
+_batches = functools.partial(random_t5_batches, micro=1, rows=8, length=16, target=4)
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 1), (2, 1, 4)], ids=["fsdp4", "tensor4"])
