@@ -130,6 +130,12 @@ def main() -> None:
     score_s = timed(lambda: jax.block_until_ready(score(lora, frozen, ids, np.ones_like(ids), options,
                                                         np.ones_like(options))), args.cycles)
 
+    # The floor of any scorer that reads the prompt: one option of one token is the prompt's forward
+    # pass plus one position, so greedy decoding over this time bounds what option scoring can reach.
+    one = options[:, :1, :1]
+    prompt_s = timed(lambda: jax.block_until_ready(score(lora, frozen, ids, np.ones_like(ids), one,
+                                                         np.ones_like(one))), args.cycles)
+
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; {args.model}, LoRA values: {n_lora:,}; "
           f"batch {args.batch} x ({args.input_len} + {args.target_len}) tokens")
     print(f"inner step (SeqLoRA cycle / {Q}): {seq_s / Q * 1e3:8.1f} ms  {Q * tokens_per_step / seq_s:10,.0f} tokens/s")
@@ -142,6 +148,8 @@ def main() -> None:
           f"(batch {args.eval_batch}, {args.target_len} new tokens, no early stop on random weights)")
     print(f"option scoring:  {args.eval_batch / score_s:,.1f} examples/s (4 options of {args.target_len} tokens); "
           f"{decode_s / score_s:.2f}x greedy decoding")
+    print(f"prompt forward alone (1 option of 1 token): {args.eval_batch / prompt_s:,.1f} examples/s; greedy decoding "
+          f"/ this = {decode_s / prompt_s:.2f}x, the most any prompt-reading scorer can gain over decoding")
 
 
 if __name__ == "__main__":

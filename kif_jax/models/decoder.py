@@ -28,6 +28,7 @@ from kif_jax.models.layers import (
     RMSNorm,
     RngsLike,
     check_lora_targets,
+    softmax_parts,
     dropout,
     dropout_keys,
     mask_bias,
@@ -446,9 +447,10 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, self.num_kv_heads, g, self.head_dim)  # head h uses kv head h // g
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)  # [B, KV, G, T, S]
         scores = scores * jnp.float32(self.head_dim ** -0.5) + bias
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = dropout(probs, self.dropout_rate, deterministic, rngs).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype))
+        e, sums = softmax_parts(scores)  # normalised after the value matmul (see softmax_parts)
+        e = dropout(e, self.dropout_rate, deterministic, rngs).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", e, v.astype(self.dtype))
+        out = out / jnp.transpose(sums, (0, 3, 1, 2))[..., None].astype(self.dtype)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), **kw), k, v
 
 

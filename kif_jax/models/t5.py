@@ -36,6 +36,7 @@ from kif_jax.models.layers import (  # noqa: F401 - LoRAConfig, LoRAParam, Dense
     merged_kernels,
     path_tuple as _path_tuple,
     remat_layer,
+    softmax_parts,
 )
 
 _ACTIVATIONS = {
@@ -256,9 +257,10 @@ class Attention(nnx.Module):
             scores = scores + position_bias
         if mask_bias is not None:
             scores = scores + mask_bias
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = _dropout(probs, self.dropout_rate, deterministic, rngs).astype(self.dtype)
-        out = jnp.einsum("bhts,bshd->bthd", probs, v).reshape(b, t, self.num_heads * self.d_kv)
+        e, sums = softmax_parts(scores)  # normalised after the value matmul (see softmax_parts)
+        e = _dropout(e, self.dropout_rate, deterministic, rngs).astype(self.dtype)
+        out = jnp.einsum("bhts,bshd->bthd", e, v) / jnp.transpose(sums, (0, 2, 1))[..., None].astype(self.dtype)
+        out = out.reshape(b, t, self.num_heads * self.d_kv)
         return self.o(out, deterministic=deterministic, rngs=rngs)
 
 
