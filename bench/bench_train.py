@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--target-len", type=int, default=8)
     parser.add_argument("--eval-batch", type=int, default=32)
+    parser.add_argument("--eval-only", action="store_true", help="only the decoding and scoring figures")
     parser.add_argument("--model", default="t5-small", help="t5-small (random weights), or a decoder-only "
                         "model name/path such as smollm2-135m-instruct-q4 (pretrained weights)")
     args = parser.parse_args()
@@ -92,8 +93,40 @@ def main() -> None:
                         lr=3e-4, warmup_steps=50, max_grad_norm=1.0, weight_decay=0.0, outer_lr=1e-3,
                         donate=False)
     rng = np.random.default_rng(0)
-    inner = random_batches(rng, Q, args.batch, args.input_len, args.target_len, config.vocab_size, causal)
-    outer = random_batches(rng, M, args.batch, args.input_len, args.target_len, config.vocab_size, causal)
+    args.vocab_size = config.vocab_size
+    decode = jax.jit(lambda l, f, ids, mask: family.greedy(nnx.merge(graphdef, l, f), ids, mask,
+                                                            max_new_tokens=args.target_len))
+    ids = rng.integers(3, config.vocab_size, size=(args.eval_batch, args.input_len)).astype(np.int32)
+    decode_s = timed(lambda: jax.block_until_ready(decode(lora, frozen, ids, np.ones_like(ids))), args.cycles)
+
+    # Option scoring (eval.mode "score") of 4 candidate labels of target-len tokens, vs greedy decoding.
+    options = rng.integers(3, config.vocab_size, size=(args.eval_batch, 4, args.target_len)).astype(np.int32)
+    score = jax.jit(lambda l, f, ids, mask, o, om: family.score(nnx.merge(graphdef, l, f), ids, mask, o, om))
+    score_s = timed(lambda: jax.block_until_ready(score(lora, frozen, ids, np.ones_like(ids), options,
+                                                        np.ones_like(options))), args.cycles)
+
+    # The floor of any scorer that reads the prompt: one option of one token is the prompt's forward
+    # pass plus one position, so greedy decoding over this time bounds what option scoring can reach.
+    one = options[:, :1, :1]
+    prompt_s = timed(lambda: jax.block_until_ready(score(lora, frozen, ids, np.ones_like(ids), one,
+                                                         np.ones_like(one))), args.cycles)
+
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; {args.model}, LoRA values: {n_lora:,}; "
+          f"batch {args.batch} x ({args.input_len} + {args.target_len}) tokens")
+    if not args.eval_only:
+        train_figures(args, programs, graphdef, family, lora, frozen, causal, rng)
+    print(f"greedy decoding: {args.eval_batch / decode_s:,.1f} examples/s "
+          f"(batch {args.eval_batch}, {args.target_len} new tokens, no early stop on random weights)")
+    print(f"option scoring:  {args.eval_batch / score_s:,.1f} examples/s (4 options of {args.target_len} tokens); "
+          f"{decode_s / score_s:.2f}x greedy decoding")
+    print(f"prompt forward alone (1 option of 1 token): {args.eval_batch / prompt_s:,.1f} examples/s; greedy decoding "
+          f"/ this = {decode_s / prompt_s:.2f}x, the most any prompt-reading scorer can gain over decoding")
+
+
+def train_figures(args, programs, graphdef, family, lora, frozen, causal: bool, rng: np.random.Generator) -> None:
+    """Prints the inner and outer step, the fusion, the KIF/SeqLoRA cycle ratio and the forward pass."""
+    inner = random_batches(rng, Q, args.batch, args.input_len, args.target_len, args.vocab_size, causal)
+    outer = random_batches(rng, M, args.batch, args.input_len, args.target_len, args.vocab_size, causal)
     tokens_per_step = args.batch * (args.input_len + args.target_len)
 
     def state(importance: bool):
@@ -115,41 +148,16 @@ def main() -> None:
     fuse = jax.jit(lambda p, a, b, s1, s2: kif_jax.fuse(p, a, b, s1, s2))
     fuse_s = timed(lambda: jax.block_until_ready(fuse(lora, lora, lora, *scores)), args.cycles)
 
-    decode = jax.jit(lambda l, f, ids, mask: family.greedy(nnx.merge(graphdef, l, f), ids, mask,
-                                                            max_new_tokens=args.target_len))
-    ids = rng.integers(3, config.vocab_size, size=(args.eval_batch, args.input_len)).astype(np.int32)
-    decode_s = timed(lambda: jax.block_until_ready(decode(lora, frozen, ids, np.ones_like(ids))), args.cycles)
-
     forward = jax.jit(lambda l, f, b: family.token_loss(nnx.merge(graphdef, l, f), b, key=None)[0])
     first_inner = jax.tree.map(lambda x: x[0, 0], inner)
     forward_s = timed(lambda: jax.block_until_ready(forward(lora, frozen, first_inner)), args.cycles)
 
-    # Option scoring (eval.mode "score") of 4 candidate labels of target-len tokens, vs greedy decoding.
-    options = rng.integers(3, config.vocab_size, size=(args.eval_batch, 4, args.target_len)).astype(np.int32)
-    score = jax.jit(lambda l, f, ids, mask, o, om: family.score(nnx.merge(graphdef, l, f), ids, mask, o, om))
-    score_s = timed(lambda: jax.block_until_ready(score(lora, frozen, ids, np.ones_like(ids), options,
-                                                        np.ones_like(options))), args.cycles)
-
-    # The floor of any scorer that reads the prompt: one option of one token is the prompt's forward
-    # pass plus one position, so greedy decoding over this time bounds what option scoring can reach.
-    one = options[:, :1, :1]
-    prompt_s = timed(lambda: jax.block_until_ready(score(lora, frozen, ids, np.ones_like(ids), one,
-                                                         np.ones_like(one))), args.cycles)
-
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; {args.model}, LoRA values: {n_lora:,}; "
-          f"batch {args.batch} x ({args.input_len} + {args.target_len}) tokens")
     print(f"inner step (SeqLoRA cycle / {Q}): {seq_s / Q * 1e3:8.1f} ms  {Q * tokens_per_step / seq_s:10,.0f} tokens/s")
     print(f"outer step (alone):            {outer_s * 1e3:8.1f} ms  {tokens_per_step / outer_s:10,.0f} tokens/s")
     print(f"fusion (exact, global):        {fuse_s * 1e3:8.2f} ms")
     print(f"Recurrent-KIF cycle / SeqLoRA {Q} steps: {kif_s:.2f} s / {seq_s:.2f} s; median paired ratio "
           f"{ratio:.3f} over {args.cycles} pairs (floor {(Q + M) / Q:.2f})")
     print(f"forward (loss, no gradient):   {forward_s * 1e3:8.1f} ms  {tokens_per_step / forward_s:10,.0f} tokens/s")
-    print(f"greedy decoding: {args.eval_batch / decode_s:,.1f} examples/s "
-          f"(batch {args.eval_batch}, {args.target_len} new tokens, no early stop on random weights)")
-    print(f"option scoring:  {args.eval_batch / score_s:,.1f} examples/s (4 options of {args.target_len} tokens); "
-          f"{decode_s / score_s:.2f}x greedy decoding")
-    print(f"prompt forward alone (1 option of 1 token): {args.eval_batch / prompt_s:,.1f} examples/s; greedy decoding "
-          f"/ this = {decode_s / prompt_s:.2f}x, the most any prompt-reading scorer can gain over decoding")
 
 
 if __name__ == "__main__":
