@@ -112,6 +112,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.kif.method = "exact"
     c.kif.scheme = "reference"  # fusion weights: "reference", "binary" (paper) or "no_share"
     c.kif.importance_params = "updated"  # p in |p*g|: "updated" (reference: after the step) or "current"
+    # g in |p*g|: "raw" (the step's gradient) or "clipped" (after clipping at train.max_grad_norm: the
+    # reference Trainer clips p.grad in place before TaSL's score update reads it; that Recurrent-KIF's
+    # code does the same is our reading of the shared Trainer, not verified). Both learners' importance.
+    c.kif.importance_grads = "raw"
     c.kif.reset_inner = True  # clear inner importance after every fusion (reference)
     c.kif.reset_outer = False  # clear outer importance after every fusion (reference keeps it)
     c.kif.outer_optimizer = "shared"  # "shared": inner AdamW state and lr (reference); "separate"
@@ -172,6 +176,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "kif.method": ("exact", "bisect"),
     "kif.scheme": ("reference", "binary", "no_share"),
     "kif.importance_params": ("updated", "current"),
+    "kif.importance_grads": ("raw", "clipped"),
     "kif.outer_optimizer": ("shared", "separate"),
 }
 _POSITIVE_INTS = (

@@ -92,6 +92,32 @@ def _random_batches(rng, n, micro=2, rows=4, length=16, target=4):
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "decoder_input_ids": dec, "labels": labels}
 
 
+def test_importance_from_clipped_gradients_scales_by_the_clip_factor():
+    """kif.importance_grads = "clipped": one step's sensitivity and uncertainty are the raw ones times
+    max_norm / |g| (first order, from a zero state: S = (1-b1)|p g|, U = (1-b2) b1 |p g|, both linear in g)."""
+    graphdef, params, frozen = nnx.split(_tiny_lora_model(), models.LoRAParam, ...)
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape), params)
+    max_norm = 1e-3  # far below the gradient norm, so the clip is active
+    programs = Programs(graphdef, family=models.Seq2SeqFamily(), lr=5e-3, warmup_steps=0, max_grad_norm=max_norm,
+                        weight_decay=0.0, outer_lr=1e-3, donate=False)
+    state = init_state(params, programs.tx, key=make_task_key(0, 1, "rbg"), total_steps=100, importance=True,
+                       separate_outer=False, merge_accumulators=False, select_best=False)
+    batch = jax.tree.map(lambda x: x[0], _random_batches(np.random.default_rng(0), 1))
+    steps = {}
+    for clipped in (False, True):
+        spec = CycleSpec(inner_steps=1, track_importance=True, importance_clipped_grads=clipped)
+        steps[clipped] = programs._step(state, batch, False, jnp.int32(0), frozen, spec)
+    (raw, raw_metrics), (clip, _) = steps[False], steps[True]
+    factor = max_norm / float(raw_metrics["grad_norm"])
+    assert factor < 1e-2
+    for part in ("sens", "unc"):
+        for got, want in zip(jax.tree.leaves(getattr(clip.imp_in, part)), jax.tree.leaves(getattr(raw.imp_in, part))):
+            np.testing.assert_allclose(got, factor * np.asarray(want), rtol=1e-5, atol=1e-12)
+            assert float(np.abs(want).max()) > 0.0
+    for got, want in zip(jax.tree.leaves(clip.params), jax.tree.leaves(raw.params)):
+        np.testing.assert_array_equal(got, want)  # the switch changes only what importance reads
+
+
 @pytest.mark.parametrize("outer_micro", [2, 1], ids=["one_scan", "two_scans"])
 def test_one_fusion_cycle_equals_fuse_by_hand(outer_micro):
     graphdef, params, frozen = nnx.split(_tiny_lora_model(), models.LoRAParam, ...)
@@ -203,6 +229,7 @@ def test_non_default_switches_run(tmp_path):
     config.kif.order = "mix"
     config.kif.beta1 = config.kif.beta2 = 0.55
     config.kif.importance_params = "current"
+    config.kif.importance_grads = "clipped"
     config.kif.reset_outer = True
     config.train.reset_at_task_boundary = False
     config.train.select_best = True

@@ -121,8 +121,8 @@ class CycleSpec:
     separate_outer_optimizer: bool = False
     accumulate: bool = False  # global merge: add tau_in / tau_out to the task accumulators
     adaptive: bool = False  # +Adaptive: fuse with weights from min-max normalised scores (no masks)
-    importance_clipped_grads: bool = False  # TaSL: inner importance from the clipped gradient, and only
-    importance_first_step: int = 0  # from this (0-based) step of the task on (with importance_clipped_grads)
+    importance_clipped_grads: bool = False  # importance from the gradient clipped at max_grad_norm (TaSL; a KIF switch)
+    importance_first_step: int = 0  # TaSL: inner importance only from this (0-based) step of the task on
     orth_lambda: float = 0.0  # O-LoRA lambda1 (applies when the state holds an old branch)
     l2_lambda: float = 0.0  # O-LoRA lambda2
     ewc_lambda: float = 0.0  # EWC lambda (0: no penalty)
@@ -170,6 +170,7 @@ def _kif_cycle_spec(method: MethodSpec, kif: ml_collections.ConfigDict, *, inner
         beta1=float(kif.beta1),
         beta2=float(kif.beta2),
         importance_at_updated_params=kif.importance_params == "updated",
+        importance_clipped_grads=kif.importance_grads == "clipped",
         reset_inner=kif.reset_inner and not method.merge_at_task_end,
         reset_outer=kif.reset_outer,
         separate_outer_optimizer=kif.outer_optimizer == "separate",

@@ -207,15 +207,15 @@ class Programs:
             outer_opt_state = state.outer_opt_state
         new = state.replace(params=params, opt_state=opt_state, outer_opt_state=outer_opt_state)
         at = params if spec.importance_at_updated_params else state.params
-        if spec.track_importance and spec.importance_clipped_grads:  # TaSL: the reference's clipped p.grad
-            imp_in = self._importance(state.imp_in, at, optax.clip_by_global_norm(self.max_grad_norm).update(
-                grads, optax.EmptyState())[0], spec)
+        imp_grads = grads
+        if spec.importance_clipped_grads:  # the reference's p.grad after its in-place clip_grad_norm_
+            imp_grads = optax.clip_by_global_norm(self.max_grad_norm).update(grads, optax.EmptyState())[0]
+        if spec.track_importance:
             skip = outer | (state.step < spec.importance_first_step)
-            new = new.replace(imp_in=_where_tree(skip, state.imp_in, imp_in))
-        elif spec.track_importance:
-            new = new.replace(imp_in=_where_tree(outer, state.imp_in, self._importance(state.imp_in, at, grads, spec)))
+            new = new.replace(imp_in=_where_tree(skip, state.imp_in, self._importance(state.imp_in, at, imp_grads,
+                                                                                     spec)))
         if spec.outer_steps and spec.update_outer_importance:
-            new = new.replace(imp_out=_where_tree(outer, self._importance(state.imp_out, at, grads, spec),
+            new = new.replace(imp_out=_where_tree(outer, self._importance(state.imp_out, at, imp_grads, spec),
                                                   state.imp_out))
         ok = jnp.isfinite(loss) & _all_finite(grads)
         if spec.penalised:
