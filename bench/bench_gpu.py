@@ -67,7 +67,7 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_vs_torch import (  # noqa: E402
-    CLIP, LR, decoder_flops, kif_jax_step, make_batch, matmul_roofline, t5_flops, torch_peer)
+    decoder_flops, kif_jax_step, make_batch, matmul_roofline, t5_flops, torch_peer, torch_peer_step)
 
 from kif_jax import models  # noqa: E402
 from kif_jax.models.decoder import PRESET_CONFIGS  # noqa: E402
@@ -163,22 +163,7 @@ def run_shape(shape: str, args: argparse.Namespace, peak: float, peak_what: str,
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         peer = torch_gpu_peer(model, causal, not args.no_dropout, dtype, remat, device)
-        tb = {k: torch.from_numpy(v.astype(np.int64)).to(device) for k, v in b.items()}
-        peer.eval()
-        with torch.no_grad():
-            torch_loss0 = float(peer(**tb).loss)
-        peer.train()
-        params = [p for p in peer.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-
-        def torch_step() -> float:
-            loss = peer(**tb).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, CLIP)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss.item()
-
+        torch_step, torch_loss0, _ = torch_peer_step(peer, b, device)
         # bf16 runs of two stacks agree only loosely; float32 ones must agree as in bench_vs_torch.
         tol = (1e-3 if dtype == jnp.float32 else 3e-2) * max(1.0, abs(torch_loss0))
         diff = abs(jax_loss0 - torch_loss0)
@@ -233,7 +218,7 @@ def run_shape(shape: str, args: argparse.Namespace, peak: float, peak_what: str,
     if torch_step is not None:
         import torch
 
-        del peer, opt, params, tb
+        del peer, torch_step  # the step's closure holds the optimizer and the batch
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -93,7 +93,6 @@ def main() -> None:
                         lr=3e-4, warmup_steps=50, max_grad_norm=1.0, weight_decay=0.0, outer_lr=1e-3,
                         donate=False)
     rng = np.random.default_rng(0)
-    args.vocab_size = config.vocab_size
     decode = jax.jit(lambda l, f, ids, mask: family.greedy(nnx.merge(graphdef, l, f), ids, mask,
                                                             max_new_tokens=args.target_len))
     ids = rng.integers(3, config.vocab_size, size=(args.eval_batch, args.input_len)).astype(np.int32)
@@ -114,7 +113,7 @@ def main() -> None:
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; {args.model}, LoRA values: {n_lora:,}; "
           f"batch {args.batch} x ({args.input_len} + {args.target_len}) tokens")
     if not args.eval_only:
-        train_figures(args, programs, graphdef, family, lora, frozen, causal, rng)
+        train_figures(args, programs, graphdef, family, lora, frozen, config.vocab_size, causal, rng)
     print(f"greedy decoding: {args.eval_batch / decode_s:,.1f} examples/s "
           f"(batch {args.eval_batch}, {args.target_len} new tokens, no early stop on random weights)")
     print(f"option scoring:  {args.eval_batch / score_s:,.1f} examples/s (4 options of {args.target_len} tokens); "
@@ -123,10 +122,11 @@ def main() -> None:
           f"/ this = {decode_s / prompt_s:.2f}x, the most any prompt-reading scorer can gain over decoding")
 
 
-def train_figures(args, programs, graphdef, family, lora, frozen, causal: bool, rng: np.random.Generator) -> None:
+def train_figures(args, programs, graphdef, family, lora, frozen, vocab: int, causal: bool,
+                  rng: np.random.Generator) -> None:
     """Prints the inner and outer step, the fusion, the KIF/SeqLoRA cycle ratio and the forward pass."""
-    inner = random_batches(rng, Q, args.batch, args.input_len, args.target_len, args.vocab_size, causal)
-    outer = random_batches(rng, M, args.batch, args.input_len, args.target_len, args.vocab_size, causal)
+    inner = random_batches(rng, Q, args.batch, args.input_len, args.target_len, vocab, causal)
+    outer = random_batches(rng, M, args.batch, args.input_len, args.target_len, vocab, causal)
     tokens_per_step = args.batch * (args.input_len + args.target_len)
 
     def state(importance: bool):

@@ -184,10 +184,33 @@ def kif_jax_step(model: Any, family: Any, batch: dict) -> tuple[Callable[[], flo
     return step, loss0, sum(x.size for x in jax.tree.leaves(lora_state))
 
 
-def run_shape(shape: str, args: argparse.Namespace) -> tuple[float, dict[str, float]]:
-    """Times one shape on both sides; returns the step's FLOPs and each side's median seconds a step."""
+def torch_peer_step(peer: Any, batch: dict, device: Any = None) -> tuple[Callable[[], float], float, int]:
+    """The peer's training step (AdamW, clipping at CLIP) on `batch`, as `kif_jax_step` returns kif_jax's:
+    the step (returns its loss), the loss in eval mode (dropout off) before any step, and the number
+    of trainable values."""
     import torch
 
+    tb = {k: torch.from_numpy(v.astype(np.int64)).to(device) for k, v in batch.items()}
+    peer.eval()
+    with torch.no_grad():
+        loss0 = float(peer(**tb).loss)
+    peer.train()
+    params = [p for p in peer.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+    def step() -> float:
+        loss = peer(**tb).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step, loss0, sum(p.numel() for p in params)
+
+
+def run_shape(shape: str, args: argparse.Namespace) -> tuple[float, dict[str, float]]:
+    """Times one shape on both sides; returns the step's FLOPs and each side's median seconds a step."""
     dropout = not args.no_dropout
     lora_dropout = 0.05 if dropout else 0.0
     if shape == "t5-small":
@@ -215,24 +238,7 @@ def run_shape(shape: str, args: argparse.Namespace) -> tuple[float, dict[str, fl
 
     jax_step, jax_loss0, n_lora = kif_jax_step(model, family, b)
 
-    peer = torch_peer(model, causal, dropout)
-    tb = {k: torch.from_numpy(v.astype(np.int64)) for k, v in b.items()}
-    peer.eval()
-    with torch.no_grad():
-        torch_loss0 = float(peer(**tb).loss)
-    peer.train()
-    params = [p for p in peer.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-
-    def torch_step() -> float:
-        loss = peer(**tb).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    n_torch = sum(p.numel() for p in params)
+    torch_step, torch_loss0, n_torch = torch_peer_step(torch_peer(model, causal, dropout), b)
     print(f"\n{shape}: {what}; batch {batch} x ({input_len} + {target_len}) tokens; LoRA values {n_lora:,} "
           f"(torch {n_torch:,}); dropout {'as the reference (LoRA 0.05)' if dropout else 'off in both'}")
     print(f"  first-step loss, dropout off: kif_jax {jax_loss0:.5f}  torch {torch_loss0:.5f}  "

@@ -28,13 +28,13 @@ from kif_jax.models.layers import (
     RMSNorm,
     RngsLike,
     check_lora_targets,
-    softmax_parts,
     dropout,
     dropout_keys,
     mask_bias,
     merged_kernels,
     path_tuple,
     remat_layer,
+    softmax_parts,
 )
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
