@@ -7,6 +7,8 @@
 Several processes (hosts) run the same command: with the three flags, or with none of them on a Cloud
 TPU VM (`jax.distributed.initialize()` from the slice's metadata); see kif_jax/distributed.py.
 
+    python main.py --config=configs/smollm2_standard.py --print_config   # every field, its value and its doc
+
 Exit codes: 0 done; 2 a user error (one line); 75 preempted by SIGTERM / SIGINT after saving a
 checkpoint (run the same command to resume).
 """
@@ -17,6 +19,28 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _HERE = pathlib.Path(__file__).resolve().parent
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _check_overrides(argv: list[str]) -> None:
+    """A `--config.<field>` that the schema lacks is one line with the nearest field (exit 2)."""
+    from kif_jax.config import closest_field, known_field
+
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        name = arg[len("--config."):].split("=", 1)[0]
+        if not known_field(name):
+            near = closest_field(name)
+            _fail(f"unknown config field in {arg}" + (f"; did you mean --config.{near}?" if near else ""))
+
+
+if __name__ == "__main__":  # before DEFINE_config_file, which applies the overrides as it is defined
+    _check_overrides(sys.argv)
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(_HERE / "configs" / "demo.py"), "Config file (configs/*.py); fields overridable as --config.a.b=v.",
     lock_config=True)
@@ -25,22 +49,29 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "Multi-process runs: HOST:PORT of process 0 (the same on every process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes in all.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index, 0 .. N-1.")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config, each field with its "
+                                  "one-line doc, and exit without running.")
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+def _usage() -> None:
+    print(__doc__.strip() + "\n\nFlags:")
+    for flag in (flags.FLAGS[name] for name in ("config", "workdir", "print_config", "coordinator_address",
+                                                 "num_processes", "process_id")):
+        print(f"  --{flag.name}: {flag.help}")
+    print("  --config.<section>.<field>=<value>: override one config field; --print_config lists them all")
+    sys.exit(0)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with a bad flag reported in one line (exit 2) instead of a traceback."""
+    if any(arg in ("--help", "-h", "--helpshort") for arg in argv[1:]):
+        _usage()
     try:
         return flags.FLAGS(argv)
     except flags.Error as err:
         _fail(str(err).splitlines()[0])
-    except (KeyError, AttributeError) as err:  # ml_collections: an override of a field that does not exist
-        bad = next((a for a in argv if a.startswith("--config.") and str(err).strip("'\"") in a), str(err))
-        _fail(f"unknown config field in {bad}")
+    except (KeyError, AttributeError) as err:  # ml_collections: an override it cannot apply
+        _fail(f"cannot apply a --config override: {' '.join(str(err).split())}")
 
 
 def load_config():
@@ -52,6 +83,8 @@ def load_config():
     except OSError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         _fail(f"cannot load config file {flags.FLAGS['config'].config_filename}: {lines[-1]}")
+    except (KeyError, AttributeError, TypeError, ValueError) as err:  # an override applied on first use
+        _fail(f"cannot apply a --config override: {' '.join(str(err).split())}")
 
 
 def main(argv: list[str]) -> None:
@@ -59,7 +92,15 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from kif_jax import distributed
     from kif_jax.cli import run
+    from kif_jax.config import describe_config
     from kif_jax.errors import KifError
+
+    if _PRINT_CONFIG.value:
+        try:
+            print(describe_config(load_config()))
+        except BrokenPipeError:  # e.g. piped into head
+            pass
+        sys.exit(0)
 
     quiet = not flags.FLAGS["verbosity"].present
     if quiet:

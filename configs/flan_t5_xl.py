@@ -2,15 +2,14 @@
 
 Batches are split over all local devices on the `data` axis; parameters are replicated (bf16: ~6 GB).
 """
-import os
 
-from kif_jax.config import base_config
+from kif_jax.config import base_config, default_data_dir
 
 
 def get_config():
     c = base_config()
     c.methods = "recurrent_kif"
-    c.data_dir = os.environ.get("KIF_DATA_DIR", "data/cl_benchmark")  # <split>/<task>.json files
+    c.data_dir = default_data_dir()  # $KIF_DATA_DIR, else ../shared/cl_benchmark beside the checkout
     c.benchmark = "long"
     c.order = 1
     c.model.name = "flan-t5-xl"  # preset: hub id google/flan-t5-xl (gated-GELU, separate lm_head)

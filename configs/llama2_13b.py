@@ -5,15 +5,14 @@ on one accelerator this needs a device with more memory than that (e.g. an 80 GB
 
     python main.py --config=configs/llama2_13b.py --workdir=runs/llama2_13b
 """
-import os
 
-from kif_jax.config import base_config
+from kif_jax.config import base_config, default_data_dir
 
 
 def get_config():
     c = base_config()
     c.methods = "recurrent_kif"
-    c.data_dir = os.environ.get("KIF_DATA_DIR", "data/cl_benchmark")  # <split>/<task>.json files
+    c.data_dir = default_data_dir()  # $KIF_DATA_DIR, else ../shared/cl_benchmark beside the checkout
     c.benchmark = "long"
     c.order = 1
     c.model.name = "llama-2-13b-chat"  # preset: hub id meta-llama/Llama-2-13b-chat-hf

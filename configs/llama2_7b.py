@@ -7,15 +7,14 @@ kif_jax runs bf16. Its 10 epochs are kept. Needs hub access (meta-llama is gated
 
     python main.py --config=configs/llama2_7b.py --workdir=runs/llama2_7b
 """
-import os
 
-from kif_jax.config import base_config
+from kif_jax.config import base_config, default_data_dir
 
 
 def get_config():
     c = base_config()
     c.methods = "recurrent_kif"
-    c.data_dir = os.environ.get("KIF_DATA_DIR", "data/cl_benchmark")  # <split>/<task>.json files
+    c.data_dir = default_data_dir()  # $KIF_DATA_DIR, else ../shared/cl_benchmark beside the checkout
     c.benchmark = "long"
     c.order = 1
     c.model.name = "llama-2-7b-chat"  # preset: hub id meta-llama/Llama-2-7b-chat-hf

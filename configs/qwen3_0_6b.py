@@ -5,15 +5,14 @@ prompts as they are (they end in "Answer:"; Qwen3's chat template would add its 
 
     python main.py --config=configs/qwen3_0_6b.py --workdir=runs/qwen3_0_6b
 """
-import os
 
-from kif_jax.config import base_config
+from kif_jax.config import base_config, default_data_dir
 
 
 def get_config():
     c = base_config()
     c.methods = "seq_lora,recurrent_kif"
-    c.data_dir = os.environ.get("KIF_DATA_DIR", "data/cl_benchmark")  # <split>/<task>.json files
+    c.data_dir = default_data_dir()  # $KIF_DATA_DIR, else ../shared/cl_benchmark beside the checkout
     c.benchmark = "standard"
     c.order = 4  # dbpedia, amazon, yahoo, agnews
     c.model.name = "qwen3-0.6b"  # preset: hub id Qwen/Qwen3-0.6B

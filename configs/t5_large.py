@@ -3,15 +3,14 @@
 For a TPU VM with hub access:  python main.py --config=configs/t5_large.py --workdir=runs/t5_large
 Point `data_dir` at the benchmark (or set $KIF_DATA_DIR); other orders: --config.order=2.
 """
-import os
 
-from kif_jax.config import base_config
+from kif_jax.config import base_config, default_data_dir
 
 
 def get_config():
     c = base_config()  # the reference hyperparameters of the authors' T5 scripts
     c.methods = "recurrent_kif"
-    c.data_dir = os.environ.get("KIF_DATA_DIR", "data/cl_benchmark")  # <split>/<task>.json files
+    c.data_dir = default_data_dir()  # $KIF_DATA_DIR, else ../shared/cl_benchmark beside the checkout
     c.benchmark = "long"
     c.order = 1  # mnli, cb, wic, copa, qqp, boolqa, rte, imdb, yelp, amazon, sst-2, dbpedia, agnews, multirc, yahoo
     c.model.name = "t5-large"  # preset: hub id t5-large, 144 LoRA modules on q and v

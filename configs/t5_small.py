@@ -1,13 +1,12 @@
 """t5-small with LoRA on the Standard benchmark (order 4): a quick, cheap run of the full pipeline."""
-import os
 
-from kif_jax.config import base_config
+from kif_jax.config import base_config, default_data_dir
 
 
 def get_config():
     c = base_config()
     c.methods = "seq_lora,recurrent_kif"
-    c.data_dir = os.environ.get("KIF_DATA_DIR", "data/cl_benchmark")  # <split>/<task>.json files
+    c.data_dir = default_data_dir()  # $KIF_DATA_DIR, else ../shared/cl_benchmark beside the checkout
     c.benchmark = "standard"
     c.order = 4  # dbpedia, amazon, yahoo, agnews
     c.model.name = "t5-small"  # preset: hub id t5-small

@@ -6,8 +6,11 @@ tokenized, any model is loaded or anything is compiled.
 """
 from __future__ import annotations
 
+import inspect
 import math
+import os
 import pathlib
+import re
 from typing import Any
 
 import ml_collections
@@ -29,6 +32,13 @@ METHODS = (
 BASELINE_METHODS = ("o_lora", "tasl", "ewc", "adaptive")
 ALL_METHODS = METHODS + BASELINE_METHODS
 SYNTHETIC_DATA = "synthetic"
+DATA_DIR_ENV = "KIF_DATA_DIR"
+
+
+def default_data_dir() -> str:
+    """The benchmark directory every config defaults to: $KIF_DATA_DIR, else ../shared/cl_benchmark beside
+    the checkout (the directory that holds this repository)."""
+    return os.environ.get(DATA_DIR_ENV) or str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "cl_benchmark")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -112,10 +122,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.kif.method = "exact"
     c.kif.scheme = "reference"  # fusion weights: "reference", "binary" (paper) or "no_share"
     c.kif.importance_params = "updated"  # p in |p*g|: "updated" (reference: after the step) or "current"
-    # g in |p*g|: "raw" (the step's gradient) or "clipped" (after clipping at train.max_grad_norm: the
-    # reference Trainer clips p.grad in place before TaSL's score update reads it; that Recurrent-KIF's
-    # code does the same is our reading of the shared Trainer, not verified). Both learners' importance.
-    c.kif.importance_grads = "raw"
+    # g in |p*g|: "clipped" (after clipping at train.max_grad_norm: the reference Trainer clips p.grad in
+    # place, steps, then its importance update reads p.grad) or "raw" (the step's gradient). Both learners.
+    c.kif.importance_grads = "clipped"
+    # The outer learner's loss is multiplied by this before its gradient: the reference's outer loss goes
+    # through the Trainer's division by gradient_accumulation_steps (4 in its T5 scripts) with a single
+    # backward, so the memory gradient enters clipping, the shared AdamW and the importance scaled by 1/4.
+    c.kif.outer_loss_scale = 0.25
     c.kif.reset_inner = True  # clear inner importance after every fusion (reference)
     c.kif.reset_outer = False  # clear outer importance after every fusion (reference keeps it)
     c.kif.outer_optimizer = "shared"  # "shared": inner AdamW state and lr (reference); "separate"
@@ -147,6 +160,14 @@ def base_config() -> ml_collections.ConfigDict:
     # "score": the label option with the highest log-likelihood (always a valid label; faster)
     c.eval.mode = "generate"
     c.eval.all_tasks = False  # also evaluate unseen tasks (fills R above the diagonal; enables FWT)
+    # Which split the accuracy matrix is measured on: "test" (the reported numbers) or "dev" (to choose
+    # settings). "dev" leaves out every dev example whose input is among the evaluated test examples
+    # (the benchmark's dev and test files overlap for several tasks), so a choice never reads them.
+    c.eval.split = "test"
+
+    c.logging = ml_collections.ConfigDict()
+    # Progress lines (when stderr is not a terminal): one every this many steps; 0 = about 10 a task.
+    c.logging.progress_every_steps = 0
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 0  # also save within a task every this many steps (0 = task ends only)
@@ -166,6 +187,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.trainable": ("lora", "all"),
     "model.prompt_template": ("none", "alpaca", "chat"),
     "eval.mode": ("generate", "score"),
+    "eval.split": ("test", "dev"),
     "model.tiny.feed_forward_proj": ("relu", "gated-gelu"),
     "train.on_nonfinite": ("stop", "skip"),
     "train.prng_impl": ("rbg", "threefry"),
@@ -250,7 +272,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config field '{name}' must lie in [0, 1), got {given[name]}")
     if not 0.0 < config.kif.memory_ratio <= 1.0:
         raise ConfigError(f"config field 'kif.memory_ratio' must lie in (0, 1], got {config.kif.memory_ratio}")
-    for name in ("train.lr", "kif.outer_lr", "model.lora.alpha"):
+    for name in ("train.lr", "kif.outer_lr", "kif.outer_loss_scale", "model.lora.alpha"):
         if not (math.isfinite(given[name]) and given[name] > 0):
             raise ConfigError(f"config field '{name}' must be a positive number, got {given[name]}")
     if config.model.lora.dropout < 0 or config.model.lora.dropout >= 1:
@@ -261,7 +283,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"config field '{name}' ({given[name]}) must be a multiple of train.micro_batch_size "
                 f"({config.train.micro_batch_size})"
             )
-    for name in ("train.warmup_steps", "eval.max_examples_per_task", "train.max_examples_per_task", "checkpoint.every_steps",
+    for name in ("train.warmup_steps", "logging.progress_every_steps", "eval.max_examples_per_task", "train.max_examples_per_task", "checkpoint.every_steps",
                  "sharding.num_devices", "order"):
         if given[name] < 0:
             raise ConfigError(f"config field '{name}' must not be negative, got {given[name]}")
@@ -274,8 +296,54 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not config.data_dir:
         raise ConfigError("config field 'data_dir' is empty: give a benchmark directory or 'synthetic'")
     if config.data_dir != SYNTHETIC_DATA and not pathlib.Path(config.data_dir).is_dir():
-        raise ConfigError(f"config field 'data_dir': directory {config.data_dir} does not exist")
+        raise ConfigError(f"config field 'data_dir': directory {config.data_dir} does not exist (set "
+                          f"--config.data_dir or ${DATA_DIR_ENV}; without either, configs read ../shared/cl_benchmark "
+                          f"beside the checkout)")
     if not (config.tasks or config.order or config.benchmark):
         raise ConfigError("no tasks: set config field 'tasks', 'order' or 'benchmark'")
     if config.model.trainable == "lora" and not split_list(config.model.lora.targets):
         raise ConfigError("config field 'model.lora.targets' is empty")
+
+
+def field_docs() -> dict[str, str]:
+    """Each config field's one-line doc: the comment on its line in `base_config`, else the comment above it."""
+    docs: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsource(base_config).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# "))
+            continue
+        match = re.match(r"c\.([\w.]+) = (.*?)(?:\s+#\s*(.*))?$", stripped)
+        if match and not match.group(2).startswith("ml_collections.ConfigDict"):
+            docs[match.group(1)] = _first_sentence(match.group(3) or " ".join(above))
+        elif match and match.group(3):
+            docs[match.group(1)] = match.group(3)
+        above = []
+    return docs
+
+
+def _first_sentence(text: str) -> str:
+    return re.split(r"(?<=[a-z)\]])\. ", text, maxsplit=1)[0].rstrip(".")
+
+
+def describe_config(config: ml_collections.ConfigDict) -> str:
+    """The resolved config, one `field = value  # doc` line per field, in schema order."""
+    docs = field_docs()
+    values = _flatten(config)
+    width = max(len(f"{k} = {v!r}") for k, v in values.items())
+    return "\n".join(f"{f'{k} = {v!r}'.ljust(width)}  # {docs.get(k, '')}".rstrip(" #") for k, v in values.items())
+
+
+def closest_field(name: str) -> str | None:
+    """The known field nearest to a mistyped one (difflib), for 'did you mean'."""
+    import difflib
+
+    match = difflib.get_close_matches(name, list(_flatten(base_config())), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def known_field(name: str) -> bool:
+    """Whether `name` (dotted) is a field or a section of the schema."""
+    fields = _flatten(base_config())
+    return name in fields or any(f.startswith(name + ".") for f in fields)

@@ -6,6 +6,7 @@ evaluated). With B = the number of rows (tasks trained), as in ALGORITHM.md:
   OP  = mean_j R[B-1][j]                                      (over the B tasks)
   BWT = mean_{j < B-1} (R[B-1][j] - R[j][j])                  (needs B >= 2)
   FWT = mean_{j >= 1} (R[j-1][j] - zero_shot[j])              (needs B >= 2 and zero-shot accuracies)
+  Avg = mean_i (mean_{j <= i} R[i][j])                        (average accuracy along the sequence)
 
 A metric whose entries are missing (NaN) is NaN. The functions are scale-free (fractions in,
 fractions out); the tables print percent.
@@ -22,6 +23,7 @@ accuracies are fractions in [0, 1], and `null` stands for "not evaluated" / "und
   op                float | null, overall performance (null if a final-row entry is missing)
   bwt               float | null, backward transfer (null for B = 1)
   fwt               float | null, forward transfer (null without zero_shot or R[j-1][j])
+  avg               float | null, average accuracy along the sequence (null if a seen entry is missing)
   final_accuracy    list[float | null], row B-1 of the matrix (per task, end of training)
   learned_accuracy  list[float | null], the diagonal R[j][j] (just after training task j)
   forgetting        list[float | null], R[j][j] - R[B-1][j] per task (null for the last task)
@@ -70,6 +72,13 @@ def bwt(R: Any) -> float:
     if b < 2:
         return math.nan
     return _mean(arr[b - 1, : b - 1] - np.diag(arr)[: b - 1])
+
+
+def avg(R: Any) -> float:
+    """Average accuracy: the mean over training stages i of the mean accuracy on tasks 0..i after stage i."""
+    arr = _matrix(R)
+    rows = [_mean(arr[i, : i + 1]) for i in range(arr.shape[0])]
+    return _mean(np.array(rows))
 
 
 def fwt(R: Any, zero_shot: Sequence[float | None] | None) -> float:
@@ -126,14 +135,15 @@ def accuracy_table(
     for i in range(arr.shape[0]):
         cells = [_pct(float(v)).rjust(w) for v, w in zip(arr[i], widths)]
         lines.append("  ".join([tasks[i].ljust(first)] + cells))
-    lines.append(f"OP {_pct(op(arr))}  BWT {_pct(bwt(arr), True)}  FWT {_pct(fwt(arr, zero_shot), True)}")
+    lines.append(f"OP {_pct(op(arr))}  BWT {_pct(bwt(arr), True)}  Avg {_pct(avg(arr))}  "
+                 f"FWT {_pct(fwt(arr, zero_shot), True)}")
     return "\n".join(lines)
 
 
-def _summary(result: Mapping[str, Any]) -> tuple[float | None, float | None, float | None]:
-    """(op, bwt, fwt) of a results dict, computed from its matrix when absent."""
+def _summary(result: Mapping[str, Any]) -> tuple[float | None, ...]:
+    """(op, bwt, avg, fwt) of a results dict, computed from its matrix when absent."""
     values = []
-    for name, fn in (("op", lambda m: op(m)), ("bwt", lambda m: bwt(m)),
+    for name, fn in (("op", lambda m: op(m)), ("bwt", lambda m: bwt(m)), ("avg", lambda m: avg(m)),
                      ("fwt", lambda m: fwt(m, result.get("zero_shot")))):
         if name in result:
             values.append(result[name])
@@ -145,12 +155,12 @@ def _summary(result: Mapping[str, Any]) -> tuple[float | None, float | None, flo
 
 
 def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """Methods as rows, OP / BWT / FWT in percent as columns (results dicts as in `make_results`)."""
+    """Methods as rows, OP / BWT / Avg / FWT in percent as columns (results dicts as in `make_results`)."""
     width = max([len("method")] + [len(m) for m in results])
-    lines = [f"{'method'.ljust(width)}  {'OP':>6}  {'BWT':>6}  {'FWT':>6}"]
+    lines = [f"{'method'.ljust(width)}  {'OP':>6}  {'BWT':>6}  {'Avg':>6}  {'FWT':>6}"]
     for method, result in results.items():
-        o, b, f = _summary(result)
-        lines.append(f"{method.ljust(width)}  {_pct(o):>6}  {_pct(b, True):>6}  {_pct(f, True):>6}")
+        o, b, a, f = _summary(result)
+        lines.append(f"{method.ljust(width)}  {_pct(o):>6}  {_pct(b, True):>6}  {_pct(a):>6}  {_pct(f, True):>6}")
     return "\n".join(lines)
 
 
@@ -188,6 +198,7 @@ def make_results(
         "op": _json_number(op(arr)),
         "bwt": _json_number(bwt(arr)),
         "fwt": _json_number(fwt(arr, zero_shot)),
+        "avg": _json_number(avg(arr)),
         "final_accuracy": [_json_number(v) for v in arr[b - 1]],
         "learned_accuracy": [_json_number(v) for v in diag],
         "forgetting": [_json_number(diag[j] - arr[b - 1, j]) if j < b - 1 else None for j in range(b)],

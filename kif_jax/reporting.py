@@ -27,9 +27,13 @@ class MetricsWriter:
                 f.truncate(resume_offset)
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
+        self.write_many([record])
+
+    def write_many(self, records: Sequence[dict[str, Any]]) -> None:
+        """Append the records in one write."""
+        if self.enabled and records:
             with open(self.path, "a") as f:
-                f.write(json.dumps(_jsonable(record)) + "\n")
+                f.write("".join(json.dumps(_jsonable(r)) + "\n" for r in records))
 
     def offset(self) -> int:
         return self.path.stat().st_size if self.enabled and self.path.exists() else 0

@@ -230,6 +230,9 @@ def test_preemption_at_every_kind_of_point_resumes_to_the_identical_result(finis
     assert result["accuracy_matrix"] == accuracy_matrix(finished_run)
     assert training_records(workdir) == training_records(finished_run)
     assert records(workdir)[-1]["accuracy"] == records(finished_run)[-1]["accuracy"]  # evaluated after a resume
+    # Preempted mid-evaluation twice, yet exactly the uninterrupted run's per-example records, once each.
+    predictions = (workdir / "recurrent_kif" / "predictions.jsonl").read_text()
+    assert predictions == (finished_run / "recurrent_kif" / "predictions.jsonl").read_text() and predictions
 
 
 _TWO_PROCESS_POLLS = """

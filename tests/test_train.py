@@ -1,4 +1,5 @@
 """End-to-end training: every method, one fusion cycle against kif_jax.fuse, devices, errors, checkpoints."""
+import dataclasses
 import json
 import math
 import pathlib
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from optax.tree import norm as optax_norm
 
 import kif_jax
 import tiny_config
@@ -255,3 +257,64 @@ def test_trains_lora_on_a_hugging_face_checkpoint_in_bf16(tmp_path):
     records = [r for r in read_metrics(tmp_path / "recurrent_kif" / "metrics.jsonl") if "loss" in r]
     assert all(np.isfinite(r["loss"]) for r in records)
     assert all(0.0 < r["mask_in_frac"] <= 0.201 for r in records if r["phase"] == 1)
+
+
+def test_reference_defaults_one_inner_and_one_outer_step_by_hand():
+    """The reference's defaults (clipped importance, outer loss x 0.25 through the shared AdamW), worked by
+    hand with optax's formulas: clip, Adam step, then |p * g| from the clipped gradient, for both learners."""
+    from kif_jax.config import base_config
+    from kif_jax.train.methods import cycle_spec, method_spec
+
+    kif = base_config().kif
+    assert kif.importance_grads == "clipped" and kif.outer_loss_scale == 0.25 and kif.outer_optimizer == "shared"
+    graphdef, params, frozen = nnx.split(_tiny_lora_model(), models.LoRAParam, ...)
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape), params)
+    rng = np.random.default_rng(1)
+    inner, outer = _random_batches(rng, 1), _random_batches(rng, 1)
+    probe = Programs(graphdef, family=models.Seq2SeqFamily(), lr=5e-3, warmup_steps=0, max_grad_norm=1.0,
+                     weight_decay=0.0, outer_lr=1e-3, donate=False)
+    norm = lambda t: float(optax_norm(t))
+    g_in0 = probe.accumulated_grads(params, frozen, jax.tree.map(lambda x: x[0], inner), None)[1]
+    g_out0 = probe.accumulated_grads(params, frozen, jax.tree.map(lambda x: x[0], outer), None)[1]
+    # A clip norm between the scaled outer gradient's norm and the inner one's: the inner gradient is
+    # clipped, the outer one is not, so the 0.25 shows in the update (a clipped gradient would hide it).
+    assert 0.25 * norm(g_out0) < 0.5 * norm(g_in0)
+    max_norm = 0.5 * norm(g_in0)
+    lr, total, b1, b2, eps, beta = 5e-3, 100, 0.9, 0.999, 1e-8, 0.85
+    programs = Programs(graphdef, family=models.Seq2SeqFamily(), lr=lr, warmup_steps=0, max_grad_norm=max_norm,
+                        weight_decay=0.0, outer_lr=1e-3, donate=False)
+    state = init_state(params, programs.tx, key=make_task_key(0, 1, "rbg"), total_steps=total, importance=True,
+                       separate_outer=False, merge_accumulators=False, select_best=False)
+    spec = cycle_spec(method_spec("recurrent_kif"), kif, inner_steps=1, with_outer=True)
+    spec = dataclasses.replace(spec, outer_steps=1, fuse=False)  # the two steps alone, no fusion
+    got, out = programs.run_cycle(state, frozen, inner, outer, spec=spec)
+
+    def clip(g):
+        n = norm(g)
+        return jax.tree.map(lambda x: x * min(1.0, max_norm / n), g)
+
+    def importance(p, g):  # one EMA update from a zero state: S = (1-b) s, U = (1-b) |s - S|
+        s = jax.tree.map(lambda p, g: jnp.abs(p * g), p, g)
+        sens = jax.tree.map(lambda s: (1 - beta) * s, s)
+        return sens, jax.tree.map(lambda s, S: (1 - beta) * jnp.abs(s - S), s, sens)
+
+    c_in = clip(g_in0)
+    m = jax.tree.map(lambda g: (1 - b1) * g, c_in)
+    v = jax.tree.map(lambda g: (1 - b2) * g * g, c_in)
+    p1 = jax.tree.map(lambda p, m, v: p - lr * (m / (1 - b1)) / (jnp.sqrt(v / (1 - b2)) + eps), params, m, v)
+    g_out = jax.tree.map(lambda g: 0.25 * g, programs.accumulated_grads(p1, frozen, jax.tree.map(lambda x: x[0], outer),
+                                                                        None)[1])
+    c_out = clip(g_out)
+    assert norm(c_out) == pytest.approx(norm(g_out))  # not clipped
+    m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, m, c_out)
+    v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, v, c_out)
+    lr1 = lr * (total - 1) / total  # the schedule at the inner step count (1): outer steps do not advance it
+    p2 = jax.tree.map(lambda p, m, v: p - lr1 * (m / (1 - b1**2)) / (jnp.sqrt(v / (1 - b2**2)) + eps), p1, m, v)
+    want = {"params": p2, "in": importance(p1, c_in), "out": importance(p2, c_out)}
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # lr 5e-3 steps: a 0.25 vs 1 scale moves 1e-4+
+    for name, imp in (("in", got.imp_in), ("out", got.imp_out)):
+        for part, expected in zip(("sens", "unc"), want[name]):
+            for a, b in zip(jax.tree.leaves(getattr(imp, part)), jax.tree.leaves(expected)):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
+    assert float(out["outer_loss"][0]) > 0 and int(got.step) == 1

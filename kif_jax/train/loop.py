@@ -7,6 +7,7 @@ Starting again with the same workdir resumes each method from its latest checkpo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import pathlib
@@ -20,7 +21,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
-from tqdm import tqdm
 
 import kif_jax
 from kif_jax import data as kdata
@@ -42,7 +42,9 @@ from kif_jax.memory_plan import activation_bytes, memory_plan, report_memory_pla
 from kif_jax.models.layers import init_lora_state, set_remat
 from kif_jax.sharding import config_mesh, shard_rows, shard_tree
 from kif_jax.train.methods import MethodSpec, cycle_spec, method_spec
+from kif_jax.train.progress import Progress, format_seconds, note
 from kif_jax.train.steps import Programs, TrainState, init_state, make_task_key
+from kif_jax.workdir import WorkdirLock
 
 STATIC_IMPORTANCE_STREAM = 2**31 - 1  # numpy seed word for the -DIE estimate's memory batches
 EWC_FISHER_STREAM = 2**31 - 2  # numpy seed word for the batches of EWC's Fisher estimate
@@ -66,6 +68,7 @@ class RunContext:
     evaluator: Evaluator
     fingerprint: str
     _cache: dict = dataclasses.field(default_factory=dict)
+    compiled: set = dataclasses.field(default_factory=set)  # (cycle spec, shape) pairs run once: compiled
     preemption: PreemptionGuard = dataclasses.field(default_factory=PreemptionGuard)  # polled at cycle boundaries
     activations: int = 0  # estimated activation bytes per device (memory plan)
 
@@ -90,19 +93,39 @@ class RunContext:
     def train_set(self, tasks: Sequence[str]) -> TokenizedDataset:
         return self.tokenized(("train", tuple(tasks)), lambda: [r for t in tasks for r in self.train_records(t)])
 
-    def test_set(self, task: str) -> TokenizedDataset:
+    def eval_records(self, task: str) -> list[dict]:
+        """The examples a task is evaluated on: the first `eval.max_examples_per_task` of its test file,
+        or with `eval.split = "dev"` of its dev file, minus any dev input among those test examples."""
         cap = self.config.eval.max_examples_per_task
+        test = kdata.load_split(self.data_dir, task, "test")
+        test = test[:cap] if cap else test
+        if self.config.eval.split == "test":
+            return test
+        seen = {r["input"] for r in test}
+        dev = [r for r in kdata.load_split(self.data_dir, task, "dev") if r["input"] not in seen]
+        if not dev:
+            raise ConfigError(f"task {task}: every dev example is among the evaluated test examples; "
+                              f"lower eval.max_examples_per_task or use eval.split=test")
+        return dev[:cap] if cap else dev
 
-        def records() -> list[dict]:
-            rows = kdata.load_split(self.data_dir, task, "test")
-            return rows[:cap] if cap else rows
-
-        return self.tokenized(("test", task), records)
+    def test_set(self, task: str) -> TokenizedDataset:
+        return self.tokenized((self.config.eval.split, task), lambda: self.eval_records(task))
 
     def accuracy(self, params: Any, task: str) -> float:
         """Test accuracy of `params` on `task` (generated text, or the best-scored label option)."""
+        return self.evaluate(params, task)[0]
+
+    def evaluate(self, params: Any, task: str) -> tuple[float, list[dict]]:
+        """Accuracy of `params` on `task`'s evaluated examples, and one record per example, in order:
+        `task`, `index` (its position among them), `id`, `prediction`, `label`, `correct`."""
         options = kdata.task_labels(self.data_dir, task) if self.evaluator.mode == "score" else None
-        return self.evaluator.accuracy(params, self.frozen, self.test_set(task), options)
+        dataset = self.test_set(task)
+        predictions = self.evaluator.predictions(params, self.frozen, dataset, options)
+        ids = [r["id"] for r in self.eval_records(task)]
+        records = [{"task": task, "index": i, "id": ids[i], "prediction": p, "label": label,
+                    "correct": metrics.normalize_answer(p) == metrics.normalize_answer(label)}
+                   for i, (p, label) in enumerate(zip(predictions, dataset.references))]
+        return metrics.exact_match(predictions, dataset.references), records
 
     def memory(self, tasks: Sequence[str]) -> TokenizedDataset:
         c = self.config
@@ -115,8 +138,8 @@ class RunContext:
             r for t in tasks for r in kdata.load_split(self.data_dir, t, "dev")[:n]])
 
 
-def resolve_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[pathlib.Path, list[str]]:
-    """Validate the config and every data file of the run; generate synthetic data if asked."""
+def check_run(config: ml_collections.ConfigDict) -> list[str]:
+    """Validate the config and the task names, before anything is written; returns the tasks."""
     validate_config(config)
     tasks = kdata.resolve_tasks(benchmark=config.benchmark or None, order=config.order or None,
                                 tasks=config.tasks or None)
@@ -125,6 +148,13 @@ def resolve_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tup
         if unknown:
             raise ConfigError(f"config field 'tasks': {', '.join(unknown)} are not synthetic tasks "
                               f"({', '.join(synthetic.SYNTHETIC_TASKS)})")
+    return tasks
+
+
+def resolve_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[pathlib.Path, list[str]]:
+    """Validate the config and every data file of the run; generate synthetic data if asked."""
+    tasks = check_run(config)
+    if config.data_dir == SYNTHETIC_DATA:
         s = config.synthetic
         data_dir = workdir / "synthetic_data"
         if is_main():  # process 0 writes, the others read the same files
@@ -133,7 +163,7 @@ def resolve_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tup
         barrier("kif_jax_synthetic_data")
     else:
         data_dir = pathlib.Path(config.data_dir)
-    splits = ("train", "dev", "test") if config.train.select_best else ("train", "test")
+    splits = ("train", "dev", "test") if config.train.select_best or config.eval.split == "dev" else ("train", "test")
     kdata.validate_tasks(data_dir, tasks, splits=splits)
     return pathlib.Path(data_dir), tasks
 
@@ -247,7 +277,7 @@ class MethodRun:
 
     def _run(self, ckpt: RunCheckpointer) -> dict:
         c, ctx = self.config, self.ctx
-        start_phase, state, iterator_state, offset = 0, None, None, None
+        start_phase, state, iterator_state, offset, predictions_offset = 0, None, None, None, None
         params = ctx.init_params
         trained, resumed_step = False, 0  # trained: preempted while evaluating, the phase's training is done
         # The newest intact checkpoint; its state has the structure of a fresh state of its phase.
@@ -260,22 +290,35 @@ class MethodRun:
             self.zero_shot = meta["zero_shot"]
             self.timing = meta["timing"]
             offset = meta["metrics_offset"]
+            predictions_offset = meta["predictions_offset"]
             params = state.params
             iterator_state = meta["iterator"] if meta["mid_phase"] else None
             trained = meta.get("trained", False)
             resumed_step = meta["step"] if meta["mid_phase"] else 0
             logging.info("%s: resumed from checkpoint %d (task %d)", self.method.name, latest, start_phase + 1)
+            if start_phase == len(self.phases):
+                results = self.dir / "results.json"
+                when = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(results.stat().st_mtime))
+                        if results.exists() else "unknown")
+                note(f"{self.method.name}: nothing to run: finished; its results are from {when}")
         if ctx.preemption.should_stop():
             raise Preempted(method=self.method.name, task=start_phase + 1, step=resumed_step, saved=False)
         writer = MetricsWriter(self.dir / "metrics.jsonl", resume_offset=offset)
+        # One record per evaluated example and evaluation; a phase's records are written together once
+        # all its tasks are evaluated, so a resumed run leaves exactly the records of an uninterrupted one.
+        self.predictions = MetricsWriter(self.dir / "predictions.jsonl", resume_offset=predictions_offset)
 
         if self.zero_shot is None and c.eval.all_tasks and not self.method.joint:
             t0 = time.perf_counter()
-            self.zero_shot = []
+            zero_shot, records = [], []
             for t in ctx.tasks:
                 if ctx.preemption.should_stop():
                     raise Preempted(method=self.method.name, task=1, step=0, saved=False)
-                self.zero_shot.append(ctx.accuracy(params, t))
+                accuracy, task_records = ctx.evaluate(params, t)
+                zero_shot.append(accuracy)
+                records += [{"after_task": -1, **r} for r in task_records]  # -1: before any training
+            self.predictions.write_many(records)
+            self.zero_shot = zero_shot
             self.timing["eval_s"] += time.perf_counter() - t0
 
         for phase in range(start_phase, len(self.phases)):
@@ -316,6 +359,7 @@ class MethodRun:
         meta = {"phase": phase, "mid_phase": mid_phase, "iterator": iterator, "step": steps_done,
                 "R": [[None if math.isnan(v) else float(v) for v in row] for row in self.R],
                 "zero_shot": self.zero_shot, "timing": self.timing, "metrics_offset": writer.offset(),
+                "predictions_offset": self.predictions.offset(),
                 "method": self.method.name, "trained": trained}
         ckpt.save(ckpt_id, state, meta)
 
@@ -331,10 +375,17 @@ class MethodRun:
         row = self._row(phase)
         seen = len(ctx.tasks) if self.method.joint else phase + 1
         columns = range(len(ctx.tasks)) if self.config.eval.all_tasks else range(seen)
+        records: list[dict] = []
+        t0 = time.perf_counter()
+        note(f"{self.method.name}: evaluating after task {phase + 1}/{len(self.phases)} on {len(columns)} task(s)")
         for j in columns:
             if preempted is not None and ctx.preemption.should_stop():
                 preempted()
-            self.R[row, j] = ctx.accuracy(params, ctx.tasks[j])
+            self.R[row, j], task_records = ctx.evaluate(params, ctx.tasks[j])
+            records += [{"after_task": phase, **r} for r in task_records]
+        self.predictions.write_many(records)
+        note(f"{self.method.name}: evaluated in {format_seconds(time.perf_counter() - t0)}: "
+             + ", ".join(f"{ctx.tasks[j]} {100 * self.R[row, j]:.1f}" for j in columns))
 
     def train_phase(self, phase: int, state: TrainState | None, params: Any, iterator_state: dict | None,
                     writer: MetricsWriter, ckpt: RunCheckpointer) -> TrainState:
@@ -361,9 +412,8 @@ class MethodRun:
 
         q_full = c.kif.inner_steps
         name = f"{method.name} {phase + 1}/{len(self.phases)} {','.join(self.phases[phase])}"[:60]
-        # disable=None shows the bar on a terminal only, so logs and CI output stay clean.
-        bar = tqdm(total=total, initial=int(state.step), desc=name, leave=False, dynamic_ncols=True,
-                   disable=(jax.process_index() != 0) or None)
+        every = c.logging.progress_every_steps or max(q_full, total // 10)
+        bar = Progress(name, total=total, initial=int(state.step), every=every)
         step = int(state.step)
         last_saved = step
         while step < total:
@@ -377,6 +427,10 @@ class MethodRun:
                 outer = [sample_batch(memory, c.kif.outer_batch_size, rng) for _ in range(spec.outer_steps)]
             shape = self._common_shape(inner + outer)
             tokens = sum(int(b["attention_mask"].sum() + (b["labels"] != IGNORE_INDEX).sum()) for b in inner + outer)
+            if (spec, shape) not in ctx.compiled:
+                ctx.compiled.add((spec, shape))
+                note(f"{method.name}: compiling a training cycle of {q} steps{' with fusion' if with_outer else ''} "
+                     f"(inputs {shape[0]} + {shape[1]} tokens)")
             t0 = time.perf_counter()
             state, out = programs.run_cycle(state, frozen, self.stack(inner, *shape),
                                             self.stack(outer, *shape) if outer else None, spec=spec)
@@ -456,11 +510,10 @@ class MethodRun:
             raise NonFiniteError(f"non-finite loss or gradient in {where}; the last checkpoint is kept")
         logging.warning("skipped a non-finite step in %s", where)
 
-    def _log_cycle(self, writer: MetricsWriter, bar: tqdm, out: dict, phase: int, step: int, q: int,
+    def _log_cycle(self, writer: MetricsWriter, bar: Progress, out: dict, phase: int, step: int, q: int,
                    tokens: int, elapsed: float) -> None:
         loss = float(np.mean(out["inner_loss"]))
-        bar.update(q)
-        bar.set_postfix(loss=f"{loss:.3f}", steps_s=f"{q / elapsed:.1f}")
+        bar.update(step, q, loss, q / elapsed)
         record = {"method": self.method.name, "phase": phase, "task": ",".join(self.phases[phase]), "step": step,
                   "loss": loss, "lr": float(out["inner_lr"][-1]), "grad_norm": float(np.mean(out["inner_grad_norm"])),
                   "steps_per_s": q / elapsed, "tokens_per_s": tokens / elapsed,  # input + target tokens
@@ -488,6 +541,13 @@ class MethodRun:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, dict]:
     """Run every configured method; returns {method: results.json contents}."""
     workdir = pathlib.Path(workdir)
+    check_run(config)
+    # One run per workdir, checked writable before any model loads (process 0 holds the lock).
+    with WorkdirLock(workdir) if is_main() else contextlib.nullcontext():
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, dict]:
     data_dir, tasks = resolve_run(config, workdir)
     c = config
     mesh = config_mesh(c.sharding)

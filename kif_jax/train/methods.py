@@ -122,6 +122,7 @@ class CycleSpec:
     accumulate: bool = False  # global merge: add tau_in / tau_out to the task accumulators
     adaptive: bool = False  # +Adaptive: fuse with weights from min-max normalised scores (no masks)
     importance_clipped_grads: bool = False  # importance from the gradient clipped at max_grad_norm (TaSL; a KIF switch)
+    outer_loss_scale: float = 1.0  # the outer learner's loss (so its gradient) is multiplied by this
     importance_first_step: int = 0  # TaSL: inner importance only from this (0-based) step of the task on
     orth_lambda: float = 0.0  # O-LoRA lambda1 (applies when the state holds an old branch)
     l2_lambda: float = 0.0  # O-LoRA lambda2
@@ -171,6 +172,7 @@ def _kif_cycle_spec(method: MethodSpec, kif: ml_collections.ConfigDict, *, inner
         beta2=float(kif.beta2),
         importance_at_updated_params=kif.importance_params == "updated",
         importance_clipped_grads=kif.importance_grads == "clipped",
+        outer_loss_scale=float(kif.outer_loss_scale),
         reset_inner=kif.reset_inner and not method.merge_at_task_end,
         reset_outer=kif.reset_outer,
         separate_outer_optimizer=kif.outer_optimizer == "separate",

@@ -162,6 +162,12 @@ class Programs:
         new_params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), params, updates)
         return new_params, opt_state
 
+    def _importance_grads(self, grads: Any, spec: CycleSpec) -> Any:
+        """g of |p * g|: the step's gradient, or the reference's p.grad after its in-place clip_grad_norm_."""
+        if spec.importance_clipped_grads:
+            return optax.clip_by_global_norm(self.max_grad_norm).update(grads, optax.EmptyState())[0]
+        return grads
+
     def _importance(self, imp: Any, params: Any, grads: Any, spec: CycleSpec) -> Any:
         return kif_jax.update_importance(imp, params, grads, beta1=spec.beta1, beta2=spec.beta2, order=spec.order)
 
@@ -187,6 +193,9 @@ class Programs:
         if spec.penalised:  # once per step: the mean over micro-batches of (CE + P) is mean CE + P
             penalty, penalty_grads = jax.value_and_grad(self._penalty)(state.params, state, spec)
             grads = jax.tree.map(jnp.add, grads, penalty_grads)
+        if spec.outer_steps and spec.outer_loss_scale != 1.0:  # the reference's outer loss / accumulation steps
+            scale = jnp.where(outer, jnp.float32(spec.outer_loss_scale), jnp.float32(1.0))
+            grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
         grads = self._constrain(grads)
         # Outer steps with the shared optimizer (reference quirk) use the inner AdamW state and the
         # current learning rate without advancing the schedule, which counts inner steps only.
@@ -207,9 +216,7 @@ class Programs:
             outer_opt_state = state.outer_opt_state
         new = state.replace(params=params, opt_state=opt_state, outer_opt_state=outer_opt_state)
         at = params if spec.importance_at_updated_params else state.params
-        imp_grads = grads
-        if spec.importance_clipped_grads:  # the reference's p.grad after its in-place clip_grad_norm_
-            imp_grads = optax.clip_by_global_norm(self.max_grad_norm).update(grads, optax.EmptyState())[0]
+        imp_grads = self._importance_grads(grads, spec)
         if spec.track_importance:
             skip = outer | (state.step < spec.importance_first_step)
             new = new.replace(imp_in=_where_tree(skip, state.imp_in, self._importance(state.imp_in, at, imp_grads,
@@ -359,6 +366,8 @@ class Programs:
             key = self._key(state, STATIC_STREAM, index)
             loss, grads = self.accumulated_grads(state.params, frozen, batch, key)
             ok = jnp.isfinite(loss) & _all_finite(grads)
+            # The gradient an outer step would see: its loss scaled, then clipped if importance reads that.
+            grads = self._importance_grads(jax.tree.map(lambda g: g * spec.outer_loss_scale, grads), spec)
             return _where_tree(ok, self._importance(imp, state.params, grads, spec), imp), None
 
         n = batches["input_ids"].shape[0]

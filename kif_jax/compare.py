@@ -1,0 +1,265 @@
+"""Paired comparison of the methods of one run on the same test examples: bootstrap intervals, McNemar.
+
+    python -m kif_jax.compare WORKDIR [--baseline METHOD] [--resamples 10000] [--seed 0]
+
+Every finished method of WORKDIR (a `<method>/results.json` beside its `predictions.jsonl`) is
+compared with the baseline (default `seq_lora`) on the metrics
+
+  op       mean final accuracy             bwt      backward transfer
+  avg      average accuracy along the sequence (metrics.avg)
+  learned  mean of R[j][j], each task's accuracy just after training it
+
+as fractions, like results.json. Each difference (method minus baseline) comes with a 95% percentile
+bootstrap interval over test examples, stratified by task and paired: one resample draws, for each
+task, its n evaluated examples with replacement, and the same draw serves both methods and every
+row of the matrix (every evaluation of a task reads the same examples). The draws come from
+`numpy.random.default_rng(seed)` in a fixed order, so a rerun writes the same bytes. A difference is
+resolved when its interval excludes 0. Per task, the final accuracies are also compared by an exact
+two-sided McNemar test on the examples one method gets right and the other wrong.
+
+Output: `WORKDIR/report/paired_comparison.json`, a list of rows
+`{"method", "baseline", "metric", "estimate", "ci_low", "ci_high", "resamples"}`, then one row per
+method and task `{"method", "baseline", "metric": "mcnemar", "task", "estimate" (final-accuracy
+difference), "method_only", "baseline_only", "p_value"}`; and the same as a markdown table in
+`paired_comparison.md`. A joint method (MTL: one phase on every task) has a final row only, so only
+its `op` is compared.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+from kif_jax import metrics
+from kif_jax.errors import DataError, KifError
+
+METRICS = ("op", "bwt", "avg", "learned")
+PREDICTIONS_FILE = "predictions.jsonl"
+REPORT_DIR = "report"
+_CHUNK = 500  # resamples drawn per batch: fixed, so the draws (and the bytes written) never depend on memory
+
+
+@dataclasses.dataclass
+class MethodPredictions:
+    """One method's per-example correctness: `correct[(row, task)]` bool [n_task] in example order."""
+
+    name: str
+    tasks: list[str]
+    correct: dict[tuple[int, int], np.ndarray]
+    examples: dict[int, list[tuple[int, Any, str]]]  # task -> [(index, id, label)], to check pairing
+
+    @property
+    def joint(self) -> bool:
+        """One phase evaluated on every task (MTL): only its final row exists."""
+        return {row for row, _ in self.correct} == {len(self.tasks) - 1} and len(self.tasks) > 1
+
+    def matrix(self) -> np.ndarray:
+        """The accuracy matrix these records give (NaN where not evaluated)."""
+        b = len(self.tasks)
+        R = np.full((b, b), np.nan)
+        for (row, task), hits in self.correct.items():
+            R[row, task] = hits.mean()
+        return R
+
+
+def load_predictions(path: pathlib.Path, name: str, tasks: Sequence[str]) -> MethodPredictions:
+    """Read `predictions.jsonl` of a method trained on `tasks` (zero-shot records, after_task -1, are skipped)."""
+    if not path.is_file():
+        raise DataError(f"{path}: no predictions file (runs written before per-example predictions cannot be "
+                        f"compared; rerun the method)")
+    index = {t: j for j, t in enumerate(tasks)}
+    rows: dict[tuple[int, int], list[tuple[int, Any, str, bool]]] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                r = json.loads(line)
+                key = (int(r["after_task"]), index[r["task"]])
+                entry = (int(r["index"]), r.get("id"), str(r["label"]), bool(r["correct"]))
+            except (ValueError, KeyError, TypeError) as err:
+                raise DataError(f"{path}:{n}: not a prediction record ({type(err).__name__}: {err})") from None
+            if key[0] >= 0:
+                rows.setdefault(key, []).append(entry)
+    if not rows:
+        raise DataError(f"{path}: no predictions after any task")
+    phases = sorted({row for row, _ in rows})
+    joint = phases == [0] and len(tasks) > 1 and len({task for _, task in rows}) == len(tasks)
+    correct, examples = {}, {}
+    for (row, task), entries in sorted(rows.items()):
+        entries.sort()
+        if [e[0] for e in entries] != list(range(len(entries))):
+            raise DataError(f"{path}: task {tasks[task]} after task {row}: example indices are not 0..n-1 once each")
+        seen = [(i, ident, label) for i, ident, label, _ in entries]
+        if examples.setdefault(task, seen) != seen:
+            raise DataError(f"{path}: task {tasks[task]} was evaluated on different examples after different tasks")
+        correct[(len(tasks) - 1 if joint else row, task)] = np.array([e[3] for e in entries], bool)
+    return MethodPredictions(name, list(tasks), correct, examples)
+
+
+def _metric(name: str, R: np.ndarray) -> np.ndarray:
+    """`name` of matrices R [..., B, B] (NaN where not evaluated), over the leading axes."""
+    b = R.shape[-1]
+    if name == "op":
+        return R[..., b - 1, :].mean(-1)
+    if name == "bwt":
+        if b < 2:
+            return np.full(R.shape[:-2], np.nan)
+        return (R[..., b - 1, : b - 1] - np.diagonal(R, axis1=-2, axis2=-1)[..., : b - 1]).mean(-1)
+    if name == "learned":
+        return np.diagonal(R, axis1=-2, axis2=-1).mean(-1)
+    if name == "avg":
+        rows = [R[..., i, : i + 1].mean(-1) for i in range(b)]
+        return np.stack(rows, -1).mean(-1)
+    raise ValueError(f"unknown metric {name!r}")
+
+
+def mcnemar_exact(method_only: int, baseline_only: int) -> float:
+    """Two-sided exact McNemar p-value: the binomial test of the discordant pairs against 1/2."""
+    n = method_only + baseline_only
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(method_only, baseline_only) + 1))
+    return min(1.0, 2.0 * tail / 2**n)
+
+
+def _check_paired(a: MethodPredictions, b: MethodPredictions) -> None:
+    if a.tasks != b.tasks:
+        raise DataError(f"methods {a.name} and {b.name} were trained on different task sequences")
+    for task in range(len(a.tasks)):
+        if a.examples.get(task) != b.examples.get(task):
+            raise DataError(f"methods {a.name} and {b.name} were evaluated on different examples of task "
+                            f"{a.tasks[task]}")
+
+
+def compare(methods: Sequence[MethodPredictions], baseline: str, *, resamples: int = 10_000,
+            seed: int = 0) -> list[dict]:
+    """The rows of paired_comparison.json for every method against `baseline` (see the module doc)."""
+    by_name = {m.name: m for m in methods}
+    if baseline not in by_name:
+        raise DataError(f"baseline {baseline!r} is not among the finished methods: {', '.join(by_name) or 'none'}")
+    if resamples < 1:
+        raise DataError(f"--resamples must be positive, got {resamples}")
+    base = by_name[baseline]
+    others = [m for m in methods if m.name != baseline]
+    for m in others:
+        _check_paired(m, base)
+    b = len(base.tasks)
+    sizes = [len(base.examples[j]) for j in range(b)]
+    # Bootstrap matrices [resamples, B, B] of every method, from one shared draw per task and chunk.
+    boot = {m.name: np.full((resamples, b, b), np.nan) for m in methods}
+    rng = np.random.default_rng(seed)
+    for start in range(0, resamples, _CHUNK):
+        stop = min(resamples, start + _CHUNK)
+        for j, n in enumerate(sizes):
+            weights = rng.multinomial(n, np.full(n, 1.0 / n), size=stop - start) / n  # [chunk, n]
+            for m in methods:
+                for (row, task), hits in m.correct.items():
+                    if task == j:
+                        boot[m.name][start:stop, row, j] = weights @ hits.astype(np.float64)
+    rows: list[dict] = []
+    for m in others:
+        names = ("op",) if m.joint or base.joint else METRICS
+        for metric in names:
+            estimate = float(_metric(metric, m.matrix()) - _metric(metric, base.matrix()))
+            if not math.isfinite(estimate):  # e.g. bwt of a single task
+                continue
+            diffs = _metric(metric, boot[m.name]) - _metric(metric, boot[baseline])
+            low, high = (float(v) for v in np.percentile(diffs, [2.5, 97.5]))
+            rows.append({"method": m.name, "baseline": baseline, "metric": metric, "estimate": estimate,
+                         "ci_low": low, "ci_high": high, "resamples": resamples})
+    for m in others:
+        for j, task in enumerate(base.tasks):
+            mine, theirs = m.correct[(b - 1, j)], base.correct[(b - 1, j)]
+            only_m, only_b = int(np.sum(mine & ~theirs)), int(np.sum(~mine & theirs))
+            rows.append({"method": m.name, "baseline": baseline, "metric": "mcnemar", "task": task,
+                         "estimate": float(mine.mean() - theirs.mean()), "method_only": only_m,
+                         "baseline_only": only_b, "p_value": mcnemar_exact(only_m, only_b)})
+    return rows
+
+
+def resolved(row: dict) -> bool:
+    """A difference is resolved when its 95% interval excludes 0."""
+    return row["ci_low"] > 0 or row["ci_high"] < 0
+
+
+def markdown(rows: Sequence[dict]) -> str:
+    """The rows as markdown: differences in points with their 95% intervals, then the McNemar tests."""
+    lines = ["| method | baseline | metric | difference (points) | 95% interval | resolved |",
+             "|---|---|---|---:|---|---|"]
+    for r in rows:
+        if r["metric"] != "mcnemar":
+            lines.append(f"| {r['method']} | {r['baseline']} | {r['metric']} | {100 * r['estimate']:+.1f} | "
+                         f"[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}] | "
+                         f"{'yes' if resolved(r) else 'no'} |")
+    tests = [r for r in rows if r["metric"] == "mcnemar"]
+    if tests:
+        lines += ["", "Final accuracy per task, exact McNemar test (examples only the method / only the baseline "
+                  "gets right):", "", "| method | baseline | task | difference (points) | method only | "
+                  "baseline only | p |", "|---|---|---|---:|---:|---:|---:|"]
+        for r in tests:
+            lines.append(f"| {r['method']} | {r['baseline']} | {r['task']} | {100 * r['estimate']:+.1f} | "
+                         f"{r['method_only']} | {r['baseline_only']} | {r['p_value']:.3g} |")
+    return "\n".join(lines)
+
+
+def load_workdir(workdir: pathlib.Path) -> list[MethodPredictions]:
+    """Every finished method of a run (a results.json), with its predictions, in name order."""
+    if not workdir.is_dir():
+        raise DataError(f"{workdir}: no such run directory")
+    out = []
+    for results_path in sorted(workdir.glob("*/results.json")):
+        try:
+            tasks = metrics.read_results(results_path)["tasks"]
+        except (OSError, ValueError, KeyError) as err:
+            raise DataError(f"{results_path}: unreadable results ({type(err).__name__}: {err})") from None
+        name = results_path.parent.name
+        out.append(load_predictions(results_path.parent / PREDICTIONS_FILE, name, tasks))
+    if len(out) < 2:
+        raise DataError(f"{workdir}: {len(out)} finished method(s); a comparison needs two")
+    return out
+
+
+def default_baseline(methods: Sequence[MethodPredictions]) -> str:
+    names = [m.name for m in methods]
+    return "seq_lora" if "seq_lora" in names else names[0]
+
+
+def write_comparison(workdir: str | pathlib.Path, *, baseline: str | None = None, resamples: int = 10_000,
+                     seed: int = 0) -> tuple[pathlib.Path, list[dict]]:
+    """Compare every finished method of `workdir` with `baseline`; write report/paired_comparison.{json,md}."""
+    workdir = pathlib.Path(workdir)
+    methods = load_workdir(workdir)
+    rows = compare(methods, baseline or default_baseline(methods), resamples=resamples, seed=seed)
+    outdir = workdir / REPORT_DIR
+    outdir.mkdir(parents=True, exist_ok=True)
+    path = outdir / "paired_comparison.json"
+    path.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    (outdir / "paired_comparison.md").write_text(markdown(rows) + "\n", encoding="utf-8")
+    return path, rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kif_jax.compare", description=__doc__.splitlines()[0])
+    parser.add_argument("workdir", help="the --workdir of a run with two or more finished methods")
+    parser.add_argument("--baseline", default=None, help="the method every other one is compared with "
+                        "(default: seq_lora if present, else the first by name)")
+    parser.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
+    args = parser.parse_args(argv)
+    try:
+        path, rows = write_comparison(args.workdir, baseline=args.baseline, resamples=args.resamples, seed=args.seed)
+    except KifError as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 2
+    print(markdown(rows))
+    print(f"\npaired comparison in {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
