@@ -1,6 +1,6 @@
 """LLaMA-2-7B-chat with LoRA, the paper's LLaMA rows: Long-sequence benchmark, order 1, Alpaca prompts.
 
-The reference's LLaMA hyperparameters (MODELS.md: finetune_KIF_llama.py): LoRA r 8, alpha 32, dropout
+The reference's LLaMA hyperparameters (the authors' finetune_KIF_llama.py): LoRA r 8, alpha 32, dropout
 0.05 on q_proj and v_proj; lr 3e-4, warm-up 50; batch 64 (micro 16), outer batch 64; inputs cut at
 512 tokens; greedy decoding of up to 128 new tokens. The reference ran 8-bit weights with fp16;
 kif_jax runs bf16. Its 10 epochs are kept. Needs hub access (meta-llama is gated: log in first).

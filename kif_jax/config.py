@@ -42,7 +42,7 @@ def default_data_dir() -> str:
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """All fields with the reference defaults (T5 scripts of the authors, ALGORITHM.md)."""
+    """All fields with the reference defaults (the authors' T5 scripts; docs/algorithm.md)."""
     c = ml_collections.ConfigDict()
     c.seed = 42  # every random choice (init, LoRA A, shuffling, buffer, dropout) derives from it
     c.methods = "recurrent_kif"  # comma-separated; run one after another into <workdir>/<method>/
@@ -168,6 +168,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.logging = ml_collections.ConfigDict()
     # Progress lines (when stderr is not a terminal): one every this many steps; 0 = about 10 a task.
     c.logging.progress_every_steps = 0
+    # TensorBoard event files in <workdir>/<method>/tensorboard/ (needs pip install -e ".[tracking]")
+    c.logging.tensorboard = False
+    c.logging.wandb_project = ""  # Weights & Biases project to log to ("" = off; needs the tracking extra)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 0  # also save within a task every this many steps (0 = task ends only)

@@ -1,7 +1,7 @@
 """Continual-learning metrics on an accuracy matrix, exact-match accuracy, tables and `results.json`.
 
 R[i][j] is the test accuracy on task j after training on task i (0-based here; NaN where not
-evaluated). With B = the number of rows (tasks trained), as in ALGORITHM.md:
+evaluated). With B = the number of rows (tasks trained), as in docs/algorithm.md:
 
   OP  = mean_j R[B-1][j]                                      (over the B tasks)
   BWT = mean_{j < B-1} (R[B-1][j] - R[j][j])                  (needs B >= 2)

@@ -279,14 +279,18 @@ _CONTAINERS = {"blocks", "block", "layers", "layer", "h", "model"}
 
 def describe_leaf(name: str) -> dict[str, str]:
     """Groups of one leaf path, e.g. 'encoder/blocks/0/self_attention/q/lora_a' ->
-    layer 'encoder 0', block 'encoder/self_attention', module 'q', factor 'lora_a'."""
+    layer 'encoder 0', block 'encoder/self_attention', module 'q', factor 'lora_a'.
+
+    A leaf outside the numbered layers is its own "layer", named by its module path: 'shared/embedding'
+    -> layer and block 'shared'; 'encoder/final_norm/scale' -> layer 'encoder/final_norm', block 'encoder'."""
     parts = name.split("/")
     factor = parts[-1]
     module = parts[-2] if len(parts) > 1 else parts[-1]
     index = next((i for i, p in enumerate(parts[:-2]) if p.isdigit()), None)
     if index is None:
-        stack = "/".join(parts[:-2]) or "-"
-        return {"layer": stack, "block": stack, "module": module, "factor": factor}
+        own = "/".join(p for p in parts[:-1] if p not in _CONTAINERS) or "/".join(parts[:-1]) or name
+        stack = "/".join(parts[:-2]) or own
+        return {"layer": own, "block": stack, "module": module, "factor": factor}
     prefix = [p for p in parts[:index] if p not in _CONTAINERS]
     layer = " ".join(prefix + [parts[index]]) if prefix else f"layer {parts[index]}"
     block = "/".join(prefix + parts[index + 1:-2]) or "-"
@@ -294,10 +298,12 @@ def describe_leaf(name: str) -> dict[str, str]:
 
 
 def _layer_key(layer: str) -> tuple:
+    """Encoder layers, then decoder ones (layers of each stack in order, then its other parts), then the rest."""
     words = layer.split()
-    stack = " ".join(words[:-1])
-    index = int(words[-1]) if words and words[-1].isdigit() else -1
-    return (0 if stack == "encoder" else 1, stack, index, layer)
+    numbered = len(words) > 1 and words[-1].isdigit()
+    stack = " ".join(words[:-1]) if numbered else layer.split("/")[0]
+    order = {"encoder": 0, "decoder": 1, "layer": 1}.get(stack, 2)
+    return (order, stack, 0 if numbered else 1, int(words[-1]) if numbered else 0, layer)
 
 
 def _grouped(values: Sequence[float | None], sizes: Sequence[int], groups: Sequence[str]) -> dict[str, float]:
@@ -350,8 +356,35 @@ def _save(fig: Any, path: pathlib.Path) -> None:
 
 
 def _colors(names: Sequence[str]) -> dict[str, Any]:
-    cmap = _plt().get_cmap("tab10")
-    return {n: cmap(i % 10) for i, n in enumerate(names)}
+    """A distinct colour per name: tab10 up to 10 names, tab20 (dark hues first) up to 20, else evenly spaced hues."""
+    plt = _plt()
+    n = len(names)
+    if n <= 10:
+        colors = [plt.get_cmap("tab10")(i) for i in range(n)]
+    elif n <= 20:
+        colors = [plt.get_cmap("tab20")(i) for i in (*range(0, 20, 2), *range(1, 20, 2))][:n]
+    else:
+        colors = [plt.get_cmap("turbo")(0.05 + 0.9 * i / (n - 1)) for i in range(n)]
+    return dict(zip(names, colors))
+
+
+def _legend_outside(ax: Any, *, title: str | None = None, fontsize: float = 7) -> Any:
+    """The axes' legend to the right of it, outside the data (two columns for long lists)."""
+    handles, labels = ax.get_legend_handles_labels()
+    return ax.legend(handles, labels, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=fontsize,
+                     title=title, title_fontsize=fontsize, ncol=1 if len(labels) <= 12 else 2, frameon=False,
+                     borderaxespad=0.0)
+
+
+def _is_lora(fusions: Sequence[tuple[dict, dict]]) -> bool:
+    """Whether the trained leaves are LoRA factors (else e.g. kernel / scale / embedding of a fully trained model)."""
+    factors = {f for _, layout in fusions for f in layout.get("factors") or
+               [n.rsplit("/", 1)[-1] for n in layout["names"]]}
+    return bool(factors) and all(f.startswith("lora_") for f in factors)
+
+
+def _factor_label(fusions: Sequence[tuple[dict, dict]]) -> str:
+    return "LoRA factor" if _is_lora(fusions) else "parameter kind"
 
 
 def _grid(n: int, max_cols: int) -> tuple[int, int]:
@@ -456,22 +489,37 @@ def _pow2(v: float) -> str:
 
 def plot_magnitude_ratio(method: str, fusions: Sequence[tuple[dict, dict]], path: pathlib.Path) -> None:
     """Figure 5(a) over the sequence: mean |tau| inside the mask over mean |tau| outside it, per fusion."""
-    fig, axes = _subplots(1, 2, figsize=(12, 3.8), sharey=True)
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    fig, axes = _subplots(1, 2, figsize=(13, 3.8), sharey=True)
     x = np.arange(1, len(fusions) + 1)
-    for ax, learner, title in zip(axes, _LEARNERS, ("inner: |tau_in| in m_in", "outer: |tau_out| in m_out")):
-        lines: dict[str, list[float]] = {}
+    lines = {learner: {} for learner in _LEARNERS}
+    for learner in _LEARNERS:
         for i, (r, layout) in enumerate(fusions):
             for name, value in _ratios(r, layout, learner).items():
-                lines.setdefault(name, [math.nan] * len(fusions))[i] = value
-        for name, values in lines.items():
-            ax.plot(x, values, marker=".", lw=2 if name == "all" else 1, label=name)
-        ax.axhline(1.0, color="black", ls="--", lw=1)
+                lines[learner].setdefault(name, [math.nan] * len(fusions))[i] = value
+    names = list(dict.fromkeys(n for learner in _LEARNERS for n in lines[learner] if n != "all"))
+    colors = {"all": "black", **_colors(names)}
+    # A log scale: ratios r and 1/r lie equally far from 1, and one far-off kind leaves the others readable.
+    for ax, learner, title in zip(axes, _LEARNERS, ("inner: |tau_in| in m_in", "outer: |tau_out| in m_out")):
+        for name, values in lines[learner].items():
+            v = np.asarray(values, float)
+            ax.plot(x, np.where(v > 0, v, np.nan), marker=".", lw=2 if name == "all" else 1, color=colors[name],
+                    label="all entries" if name == "all" else name)
+        ax.axhline(1.0, color="grey", ls="--", lw=1)
+        ax.set_yscale("log")
         _task_marks(ax, fusions)
         ax.set_xlabel("fusion #")
         ax.set_title(title, pad=16)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("mean |tau| inside / outside the mask")
+        ax.grid(alpha=0.3, which="both")
+    low, high = axes[0].get_ylim()
+    for ax in axes:  # ticks as plain numbers; 1-2-5 steps over a wide range, linear steps over a narrow one
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)) if high / low >= 8 else
+                                   MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    _legend_outside(axes[1], title=f"per {_factor_label(fusions)}", fontsize=8)
+    axes[0].set_ylabel("mean |tau| inside / outside the mask\n(log scale)")
     fig.suptitle(f"{method}: do large updates fall on important parameters? (1 = no relation)")
     _save(fig, path)
 
@@ -509,25 +557,33 @@ def plot_importance_by_layer(method: str, fusions: Sequence[tuple[dict, dict]], 
 
 
 def plot_importance_by_module(method: str, fusions: Sequence[tuple[dict, dict]], path: pathlib.Path) -> None:
-    """Figure 5(b) analogue: the share of important parameters per attention block, module and LoRA factor."""
-    kinds = (("block", "attention block"), ("module", "projection"), ("factor", "LoRA factor"))
-    fig, axes = _subplots(2, 3, figsize=(15, 6.5), sharex=True, sharey=True)
+    """Figure 5(b) analogue: the share of important parameters per attention block, module and LoRA factor
+    (parameter kind when the trained leaves are not LoRA factors).
+
+    One row per grouping, m_in left and m_out right; a name has one colour in both, legend to the right."""
+    lora = _is_lora(fusions)
+    kinds = (("block", "attention block"), ("module", "projection" if lora else "module"),
+             ("factor", _factor_label(fusions)))
+    fig, axes = _subplots(3, 2, figsize=(14, 9.5), sharex=True, sharey=True)
     x = np.arange(1, len(fusions) + 1)
-    for row, learner in enumerate(_LEARNERS):
-        for col, (kind, label) in enumerate(kinds):
+    for row, (kind, label) in enumerate(kinds):
+        shares = {learner: _shares(fusions, learner, kind) for learner in _LEARNERS}
+        colors = _colors(list(dict.fromkeys(n for names, _ in shares.values() for n in names)))
+        for col, learner in enumerate(_LEARNERS):
             ax = axes[row, col]
-            names, values = _shares(fusions, learner, kind)
+            names, values = shares[learner]
             for name, v in zip(names, values):
-                ax.plot(x, v * 100, marker=".", lw=1.2, label=name)
+                ax.plot(x, v * 100, marker=".", ms=4, lw=1.2, color=colors[name], label=name)
             _task_marks(ax, fusions)
             ax.set_title(f"m_{learner} by {label}", pad=16)
-            ax.legend(fontsize=7, loc="upper right")
             ax.grid(alpha=0.3)
-            if row == 1:
+            if row == len(kinds) - 1:
                 ax.set_xlabel("fusion #")
             if col == 0:
                 ax.set_ylabel("important entries (%)")
-    fig.suptitle(f"{method}: share of important parameters per attention block, projection and factor")
+        _legend_outside(axes[row, 1], title=label)
+    fig.suptitle(f"{method}: share of important parameters per attention block, "
+                 f"{kinds[1][1]} and {kinds[2][1]}")
     _save(fig, path)
 
 
@@ -551,7 +607,7 @@ def plot_mask_overlap(method: str, fusions: Sequence[tuple[dict, dict]], path: p
     ax.set_ylabel("of the previous fusion's important entries (%)")
     ax.set_ylim(0, 105)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=3, loc="lower center")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     ax.set_title(f"{method}: how much of each mask survives to the next fusion", pad=16)
     _save(fig, path)
 
@@ -602,8 +658,10 @@ def _fusion_table(fusions: Sequence[tuple[dict, dict]]) -> list[str]:
 
 
 def build_report(methods: Sequence[MethodData], outdir: pathlib.Path, *, title: str,
-                 unfinished: Sequence[str] = ()) -> pathlib.Path:
-    """Write report.md and its figures into `outdir` (stale PNGs there are removed); returns report.md's path."""
+                 unfinished: Sequence[str] = (), paired: str = "") -> pathlib.Path:
+    """Write report.md and its figures into `outdir` (stale PNGs there are removed); returns report.md's path.
+
+    `paired`: the markdown of `kif_jax.compare` (differences with 95% intervals), or why there is none."""
     outdir.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
 
@@ -636,6 +694,11 @@ def build_report(methods: Sequence[MethodData], outdir: pathlib.Path, *, title: 
         r = m.results
         o, b, f = (r.get(k, None) for k in ("op", "bwt", "fwt"))
         md.append(f"| {m.name} | {_pct(o)} | {_pct(b, True)} | {_pct(f, True)} |")
+    if paired:
+        md += ["", "## Paired differences on the same test examples", "",
+               "Each method minus the baseline, in points, with a 95% percentile bootstrap interval over the "
+               "test examples (stratified by task, the same resampled examples for both methods; "
+               "`python -m kif_jax.compare`); resolved: the interval excludes 0.", "", paired]
     md += ["", "Final accuracy (%) on each task:", "",
            "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
     for m in same:
@@ -696,7 +759,16 @@ def write_report(workdir: str | pathlib.Path, *, skip_unfinished: bool = False) 
     """Build `<workdir>/report/` from the run's files; returns the path of report.md."""
     workdir = pathlib.Path(workdir)
     methods, unfinished = load_run(workdir, skip_unfinished=skip_unfinished)
-    return build_report(methods, workdir / REPORT_DIR, title=workdir.resolve().name, unfinished=unfinished)
+    paired = ""
+    if len(methods) > 1:
+        from kif_jax import compare
+
+        try:
+            paired = compare.markdown(compare.write_comparison(workdir)[1])
+        except DataError as err:
+            paired = f"No paired comparison: {' '.join(str(err).split())}."
+    return build_report(methods, workdir / REPORT_DIR, title=workdir.resolve().name, unfinished=unfinished,
+                        paired=paired)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,7 +5,7 @@ import json
 import math
 import os
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -14,9 +14,11 @@ import numpy as np
 class MetricsWriter:
     """Appends one JSON object per line (process 0 only); truncates to a saved offset on resume."""
 
-    def __init__(self, path: pathlib.Path, *, resume_offset: int | None = None) -> None:
+    def __init__(self, path: pathlib.Path, *, resume_offset: int | None = None,
+                 listener: Callable[[dict], None] | None = None) -> None:
         self.path = pathlib.Path(path)
         self.enabled = jax.process_index() == 0
+        self.listener = listener  # also gets every record written (experiment trackers)
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,6 +36,9 @@ class MetricsWriter:
         if self.enabled and records:
             with open(self.path, "a") as f:
                 f.write("".join(json.dumps(_jsonable(r)) + "\n" for r in records))
+            if self.listener is not None:
+                for record in records:
+                    self.listener(_jsonable(record))
 
     def offset(self) -> int:
         return self.path.stat().st_size if self.enabled and self.path.exists() else 0

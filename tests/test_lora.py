@@ -146,3 +146,32 @@ def test_targets_by_name_and_regex():
     assert len(adapted(("wi_0", "lm_head"))) == 5
     with pytest.raises(ConfigError, match="matches no projection"):
         adapted(("query",))
+
+
+def _tiny_decoder_lora():
+    from kif_jax.models.decoder import DecoderConfig, DecoderLM
+    config = DecoderConfig(model_type="llama", vocab_size=259, hidden_size=16, intermediate_size=32,
+                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                           tie_word_embeddings=False, eos_token_id=1, pad_token_id=0)
+    return DecoderLM(config, lora=LoRAConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "v_proj", "down_proj")),
+                     rngs=nnx.Rngs(3))
+
+
+@pytest.mark.parametrize("family", ["t5", "decoder"])
+def test_flax_lora_param_filter_finds_exactly_the_lora_factors(family):
+    """Tunix/Qwix filter on `flax.nnx.LoRAParam`: it must give kif_jax's adapters and nothing else."""
+    from tiny_models import tiny_t5_lora
+    model = tiny_t5_lora() if family == "t5" else _tiny_decoder_lora()
+    assert issubclass(LoRAParam, nnx.LoRAParam) and issubclass(LoRAParam, nnx.Param)
+    ours = dict(nnx.to_flat_state(nnx.state(model, LoRAParam)))
+    flax_filtered = dict(nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)))
+    assert ours and flax_filtered.keys() == ours.keys()
+    assert {path[-1] for path in ours} == {"lora_a", "lora_b"}
+    for path, var in ours.items():
+        assert type(var) is LoRAParam and type(flax_filtered[path]) is LoRAParam
+        np.testing.assert_array_equal(np.asarray(flax_filtered[path][...]), np.asarray(var[...]))
+    # The three-way split is unchanged: every lora_a/lora_b leaf and nothing else is trainable.
+    _, lora, frozen = nnx.split(model, LoRAParam, ...)
+    every = dict(nnx.to_flat_state(nnx.state(model)))
+    assert dict(nnx.to_flat_state(lora)).keys() == {p for p in every if p[-1] in ("lora_a", "lora_b")}
+    assert not any(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(frozen))

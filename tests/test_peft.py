@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from kif_jax.errors import ModelLoadError
 from kif_jax.models import LoRAConfig, LoRAParam, forward, from_pretrained
-from kif_jax.models.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
+from kif_jax.models.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_state_dict, load_adapter, save_adapter
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 # kind -> (base checkpoint, LoRA targets); the adapters are r 4, alpha 16.
@@ -219,3 +219,49 @@ def test_missing_files(tmp_path):
     (tmp_path / "adapter_model.bin").write_bytes(b"")
     with pytest.raises(ModelLoadError, match="safetensors only"):
         load_adapter(_model("t5"), str(tmp_path))
+
+
+def test_saved_weights_get_the_umask_mode(tmp_path):
+    import os
+    model = _model("llama")
+    old = os.umask(0o022)
+    try:
+        save_adapter(model, str(tmp_path / "a"))
+        os.umask(0o027)
+        save_adapter(model, str(tmp_path / "b"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a" / ADAPTER_WEIGHTS).stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b" / ADAPTER_WEIGHTS).stat().st_mode & 0o777 == 0o640
+    assert load_file(str(tmp_path / "a" / ADAPTER_WEIGHTS)).keys() == adapter_state_dict(model).keys()
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_base_model_name_or_path_is_what_from_pretrained_loaded(kind, tmp_path):
+    model = _model(kind)
+    base = str(FIXTURES / KINDS[kind][0])
+    assert model.name_or_path == base
+    save_adapter(model, str(tmp_path / "known"))
+    assert json.loads((tmp_path / "known" / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == base
+    save_adapter(model, str(tmp_path / "given"), base_model_name_or_path="org/other-base")
+    assert json.loads((tmp_path / "given" / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == \
+        "org/other-base"
+    built = nnx.merge(*nnx.split(model))  # a split + merge keeps it
+    assert built.name_or_path == base
+
+
+def test_base_model_name_or_path_keeps_a_gguf_preset_name_and_is_null_when_unknown(tmp_path, monkeypatch):
+    from test_gguf import hf_tensors, write_gguf
+    from tiny_models import tiny_t5_lora
+
+    from kif_jax.models import gguf
+
+    write_gguf(tmp_path / "tiny.gguf", "llama", hf_tensors("llama", tied=False))
+    monkeypatch.setattr(gguf, "resolve_gguf_name",
+                        lambda name: str(tmp_path / "tiny.gguf") if name == "tiny-preset-q4" else None)
+    model = from_pretrained("tiny-preset-q4", lora=LoRAConfig(rank=2, alpha=4.0, targets=("q_proj",)))
+    save_adapter(model, str(tmp_path / "preset"))
+    assert json.loads((tmp_path / "preset" / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == \
+        "tiny-preset-q4"
+    save_adapter(tiny_t5_lora(), str(tmp_path / "built"))  # built from a config, not loaded
+    assert json.loads((tmp_path / "built" / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] is None

@@ -183,6 +183,12 @@ def test_leaf_names_are_grouped_by_layer_block_module_and_factor():
         "layer": "decoder 3", "block": "decoder/cross_attention", "module": "q", "factor": "lora_b"}
     assert report.describe_leaf("model/layers/11/self_attn/v_proj/lora_a") == {
         "layer": "layer 11", "block": "self_attn", "module": "v_proj", "factor": "lora_a"}
+    # Leaves outside the numbered layers: named by their module path, never "-".
+    assert report.describe_leaf("shared/embedding") == {
+        "layer": "shared", "block": "shared", "module": "shared", "factor": "embedding"}
+    assert report.describe_leaf("encoder/final_norm/scale") == {
+        "layer": "encoder/final_norm", "block": "encoder", "module": "final_norm", "factor": "scale"}
+    assert report.describe_leaf("model/embed_tokens/embedding")["layer"] == "embed_tokens"
 
 
 def _write_method(workdir: pathlib.Path, method: str, R: list) -> None:
@@ -212,3 +218,136 @@ def test_a_missing_or_corrupt_results_json_is_one_line_and_exit_2(tmp_path, caps
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "replay/results.json is not a readable results.json" in lines[0], result.stderr
+
+
+# --- the figures, drawn from hand-made fusion records ------------------------------------------
+
+
+def _demo_like_layout() -> dict:
+    """The leaves of a fully trained 2-layer T5 (as the demo trains it): 14 modules, kernel / scale / embedding."""
+    names = []
+    for stack in ("encoder", "decoder"):
+        for i in range(2):
+            attentions = ("self_attention", "cross_attention") if stack == "decoder" else ("self_attention",)
+            for attention in attentions:
+                names += [f"{stack}/blocks/{i}/{attention}/{m}/kernel" for m in "qkvo"]
+                names.append(f"{stack}/blocks/{i}/{attention}_norm/scale")
+            names += [f"{stack}/blocks/{i}/ff/{m}/kernel" for m in ("wi_0", "wi_1", "wo")]
+            names.append(f"{stack}/blocks/{i}/ff_norm/scale")
+        names += [f"{stack}/final_norm/scale", f"{stack}/relative_attention_bias/embedding"]
+    names += ["lm_head/kernel", "shared/embedding"]
+    factors = list(dict.fromkeys(n.rsplit("/", 1)[-1] for n in names))
+    return {"names": names, "sizes": [64 if n.endswith("scale") else 4096 for n in names], "factors": factors,
+            "hist_edges": list(report.HIST_EDGES)}
+
+
+def _lora_layout(layers: int = 3) -> dict:
+    names = [f"model/layers/{i}/self_attn/{m}/{f}" for i in range(layers) for m in ("q_proj", "v_proj")
+             for f in ("lora_a", "lora_b")]
+    return {"names": names, "sizes": [512] * len(names), "factors": ["lora_a", "lora_b"],
+            "hist_edges": list(report.HIST_EDGES)}
+
+
+def _fusions(layout: dict, per_task: int = 4, outlier: str | None = None) -> list:
+    """Records of 2 tasks x `per_task` fusions; `outlier`'s magnitude ratio is 40, the others' about 1.3."""
+    rng = np.random.default_rng(0)
+    n, g = len(layout["names"]), len(layout["factors"])
+    fusions = []
+    for phase, task in enumerate(("topic", "parity")):
+        for k in range(per_task):
+            r = {"event": "fusion_stats", "phase": phase, "task": task, "step": 8 * (k + 1)}
+            for x in ("in", "out"):
+                r[f"{x}_frac"] = rng.uniform(0.05, 0.4, n).round(3).tolist()
+                r[f"tau_{x}_ratio"] = 1.3
+                r[f"tau_{x}_inside"] = [40.0 if f == outlier else 1.2 + 0.1 * i
+                                        for i, f in enumerate(layout["factors"])]
+                r[f"tau_{x}_outside"] = [1.0] * g
+                r[f"kept_{x}"] = r[f"jaccard_{x}"] = None if not fusions else 0.5
+            fusions.append((r, layout))
+    return fusions
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the plotting functions draw, kept open (drawn) instead of saved."""
+    figures = []
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        figures.append(fig)
+
+    monkeypatch.setattr(report, "_save", keep)
+    yield figures
+    for fig in figures:
+        report._plt().close(fig)
+
+
+def _series(ax) -> list:
+    return [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+
+
+def _assert_legends_outside_every_axes(fig) -> None:
+    renderer = fig.canvas.get_renderer()
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert legends
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_window_extent(renderer)), (legend.get_title().get_text(), ax.get_title())
+
+
+def test_importance_by_module_gives_each_series_its_own_colour_and_keeps_legends_off_the_data(drawn):
+    from matplotlib.colors import to_rgba
+
+    report.plot_importance_by_module("kif", _fusions(_demo_like_layout()), pathlib.Path("unused.png"))
+    (fig,) = drawn
+    modules = [ax for ax in fig.axes if ax.get_title().endswith("by module")]
+    assert len(modules) == 2 and all(len(_series(ax)) == 14 for ax in modules)
+    for ax in fig.axes:
+        lines = _series(ax)
+        assert len({to_rgba(line.get_color()) for line in lines}) == len(lines), ax.get_title()
+    # The same name has the same colour in the m_in and m_out panels.
+    colors = [{line.get_label(): to_rgba(line.get_color()) for line in _series(ax)} for ax in modules]
+    assert colors[0] == colors[1]
+    _assert_legends_outside_every_axes(fig)
+    titles = {ax.get_title() for ax in fig.axes}
+    # The demo trains all parameters: its leaves are kernels, scales and embeddings, not LoRA factors.
+    assert {"m_in by parameter kind", "m_out by parameter kind"} <= titles
+    assert not any("LoRA" in t or "projection" in t for t in titles | {fig._suptitle.get_text()})
+
+
+def test_importance_by_module_of_lora_leaves_names_lora_factors(drawn):
+    report.plot_importance_by_module("kif", _fusions(_lora_layout()), pathlib.Path("unused.png"))
+    titles = {ax.get_title() for ax in drawn[0].axes}
+    assert {"m_in by LoRA factor", "m_out by LoRA factor", "m_in by projection"} <= titles
+
+
+def test_importance_by_layer_labels_every_row(drawn):
+    fusions = _fusions(_demo_like_layout())
+    report.plot_importance_by_layer("kif", fusions, pathlib.Path("unused.png"))
+    image_axes = [ax for ax in drawn[0].axes if ax.get_images()]
+    assert len(image_axes) == 2
+    labels = [t.get_text() for t in image_axes[0].get_yticklabels()]
+    assert labels == ["encoder 0", "encoder 1", "encoder/final_norm", "encoder/relative_attention_bias",
+                      "decoder 0", "decoder 1", "decoder/final_norm", "decoder/relative_attention_bias",
+                      "lm_head", "shared"]
+    assert image_axes[0].get_images()[0].get_array().shape == (len(labels), len(fusions))
+
+
+def test_magnitude_ratio_keeps_an_outlier_from_flattening_the_others(drawn):
+    report.plot_magnitude_ratio("kif", _fusions(_demo_like_layout(), outlier="embedding"),
+                                pathlib.Path("unused.png"))
+    (fig,) = drawn
+    axes = [ax for ax in fig.axes if _series(ax)]
+    assert len(axes) == 2
+    for ax in axes:
+        assert ax.get_yscale() == "log"
+        low, high = ax.get_ylim()
+        assert 0 < low < 1.0 and high > 40.0  # 1 (no relation) and the outlier both in view
+        # On the log axis the lines near 1.3 still span a visible share of the height.
+        span = (math.log(1.4) - math.log(1.2)) / (math.log(high) - math.log(low))
+        assert span > 0.03
+        labels = [line.get_label() for line in _series(ax)]
+        assert labels == ["all entries", "kernel", "scale", "embedding"]
+    _assert_legends_outside_every_axes(fig)
+    assert axes[1].get_legend().get_title().get_text() == "per parameter kind"

@@ -1,4 +1,10 @@
 """The byte-level tokenizer and the Hugging Face adapter, both offline."""
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
 from kif_jax.models import ByteTokenizer, load_tokenizer
 
 
@@ -11,7 +17,7 @@ def test_byte_tokenizer_round_trip():
     assert tok.decode_batch([[ord("o") + 3, ord("k") + 3, 1, 50, 60], [0, 0]]) == ["ok", ""]
 
 
-def test_hugging_face_tokenizer_from_a_local_directory(tmp_path):
+def _write_word_level_tokenizer(path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -20,8 +26,43 @@ def test_hugging_face_tokenizer_from_a_local_directory(tmp_path):
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(tmp_path)
+                            unk_token="<unk>").save_pretrained(path)
+
+
+def test_hugging_face_tokenizer_from_a_local_directory(tmp_path):
+    _write_word_level_tokenizer(tmp_path)
     tok = load_tokenizer(str(tmp_path))
     assert (tok.pad_token_id, tok.eos_token_id, tok.vocab_size) == (0, 1, 7)
     assert tok.encode_batch(["answer : yes", "no"]) == [[5, 6, 3, 1], [4, 1]]
     assert tok.decode_batch([[3, 1, 4], [4, 0, 0]]) == ["yes", "no"]
+
+
+def _stderr_of(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stderr
+
+
+@pytest.mark.parametrize("kind", ["directory", "gguf"])
+def test_no_pytorch_notice_from_the_tokenizer_path_and_nothing_else_hidden(kind, tmp_path):
+    if importlib.util.find_spec("torch") is not None:
+        pytest.skip("torch is installed: transformers has no notice to give")
+    notice = "PyTorch was not found"
+    assert notice in _stderr_of("import transformers")  # what a bare import prints here
+    if kind == "directory":
+        _write_word_level_tokenizer(tmp_path)
+        source = str(tmp_path)
+    else:
+        from test_tokenizers_gguf import write_tokenizer_gguf
+        source = str(tmp_path / "tok.gguf")
+        write_tokenizer_gguf(tmp_path / "tok.gguf")
+    err = _stderr_of(
+        "import logging\n"
+        "from kif_jax.models import load_tokenizer\n"
+        f"tok = load_tokenizer({source!r})\n"
+        "assert tok.encode_batch(['yes'])\n"
+        "assert not logging.getLogger('transformers').filters\n"
+        "from transformers.utils import logging as hf_logging\n"
+        "hf_logging.get_logger('transformers').warning('another transformers warning')\n")
+    assert notice not in err
+    assert "another transformers warning" in err

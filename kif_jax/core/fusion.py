@@ -1,4 +1,4 @@
-"""Knowledge fusion (ALGORITHM.md step 4): theta_t + w_in * tau_in + w_out * tau_out, elementwise."""
+"""Knowledge fusion (docs/algorithm.md, step 4): theta_t + w_in * tau_in + w_out * tau_out, elementwise."""
 from __future__ import annotations
 
 import functools

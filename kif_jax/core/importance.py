@@ -1,4 +1,4 @@
-"""Importance estimation (ALGORITHM.md step 1-2): EMAs of parameter sensitivity and its uncertainty."""
+"""Importance estimation (docs/algorithm.md, steps 1-2): EMAs of parameter sensitivity and its uncertainty."""
 from __future__ import annotations
 
 import functools

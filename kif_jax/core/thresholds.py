@@ -1,4 +1,4 @@
-"""Knowledge identification (ALGORITHM.md step 3): quantile thresholds of importance scores, and masks.
+"""Knowledge identification (docs/algorithm.md, step 3): quantile thresholds of importance scores, and masks.
 
 Both methods return the linearly interpolated `quantile` of a group's scores (numpy's and torch's
 default): with the group's n scores sorted ascending as x_0..x_{n-1}, v = quantile * (n - 1),

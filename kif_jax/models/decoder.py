@@ -529,6 +529,9 @@ class KVCache(NamedTuple):
 class DecoderLM(nnx.Module):
     """A causal LM: `model(input_ids, attention_mask)` -> float32 logits [B, T, V]."""
 
+    #: What `from_pretrained` loaded it from (hub id, directory, `.gguf` file or preset); None if built here.
+    name_or_path: str | None = None
+
     def __init__(self, config: DecoderConfig, *, lora: LoRAConfig | None = None, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, rngs: nnx.Rngs) -> None:
         self.config = config

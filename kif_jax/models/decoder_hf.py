@@ -179,13 +179,16 @@ def load_decoder(path_or_dir_or_gguf: str, *, dtype: Any = jnp.float32, lora: Lo
         from kif_jax.models.gguf import GGUFCheckpoint
 
         checkpoint = GGUFCheckpoint(path)
-        return load_from_reader(_config(checkpoint.config, path), checkpoint, dtype=dtype, lora=lora, seed=seed,
-                                source=path, mesh=mesh)
-    directory = resolve_checkpoint(path)
-    config = _config(read_config(directory), os.path.join(directory, "config.json"))
-    reader = SafetensorsReader(weight_files(directory))
-    return load_from_reader(config, reader, dtype=dtype, lora=lora, seed=seed, source=f"checkpoint {directory}",
-                            mesh=mesh)
+        model = load_from_reader(_config(checkpoint.config, path), checkpoint, dtype=dtype, lora=lora, seed=seed,
+                                 source=path, mesh=mesh)
+    else:
+        directory = resolve_checkpoint(path)
+        config = _config(read_config(directory), os.path.join(directory, "config.json"))
+        reader = SafetensorsReader(weight_files(directory))
+        model = load_from_reader(config, reader, dtype=dtype, lora=lora, seed=seed, source=f"checkpoint {directory}",
+                                 mesh=mesh)
+    model.name_or_path = str(path_or_dir_or_gguf)
+    return model
 
 
 # --------------------------------------------------------------------------------------------

@@ -63,8 +63,11 @@ class LoRAConfig:
         return any(t == leaf or re.fullmatch(t, path) for t in self.targets)
 
 
-class LoRAParam(nnx.Param):
-    """The trainable LoRA factors; list it first in `nnx.split` (it subclasses `Param`)."""
+class LoRAParam(nnx.LoRAParam):
+    """The trainable LoRA factors; list it first in `nnx.split` (it subclasses `Param`).
+
+    A subclass of `flax.nnx.LoRAParam`, so filters on that type (Tunix, Qwix) find these adapters.
+    """
 
 
 Axes = tuple[str | None, ...]

@@ -24,11 +24,18 @@ def from_pretrained(path_or_hub_id: str, *, dtype: Any = jnp.float32, lora: LoRA
 
     Parameters become `dtype` (float32 or bfloat16; logits float32). With `lora`, adapters are
     added (float32, B = 0, A drawn from `seed` and each adapter's path), as peft initialises them.
-    With a `mesh`, each tensor is placed in its `kif_jax.sharding` layout as it is read.
+    With a `mesh`, each tensor is placed in its `kif_jax.sharding` layout as it is read. The model's
+    `name_or_path` keeps `path_or_hub_id` (written by `save_adapter` as `base_model_name_or_path`).
     """
+    model = _load(str(path_or_hub_id), dtype=dtype, lora=lora, seed=seed, mesh=mesh)
+    model.name_or_path = str(path_or_hub_id)  # as given: a GGUF preset stays a preset name
+    return model
+
+
+def _load(path_or_hub_id: str, *, dtype: Any, lora: LoRAConfig | None, seed: int, mesh: Any) -> Any:
     from kif_jax.models.gguf import resolve_gguf_name
 
-    path = resolve_gguf_name(str(path_or_hub_id)) or os.path.expanduser(str(path_or_hub_id))
+    path = resolve_gguf_name(path_or_hub_id) or os.path.expanduser(path_or_hub_id)
     if path.endswith(".gguf"):
         from kif_jax.models import decoder_hf
 

@@ -147,15 +147,21 @@ def save_adapter(model: nnx.Module, directory: str, *, base_model_name_or_path: 
     """Write the model's LoRA adapters as PEFT does: `adapter_config.json` + `adapter_model.safetensors`.
 
     `peft.PeftModel.from_pretrained(hf_model, directory)` then reproduces the kif_jax model.
+    `base_model_name_or_path` defaults to what `from_pretrained` loaded the model from (`model.name_or_path`).
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(model, "name_or_path", None)
     config = adapter_config(model, base_model_name_or_path=base_model_name_or_path)
     tensors = adapter_state_dict(model)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
         f.write(json.dumps(config, indent=2, sort_keys=True))
-    save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    # Serialised in memory and written with open(), so the file gets the umask's mode (safetensors'
+    # save_file writes a 0600 temporary file). Adapters are small.
+    with open(os.path.join(directory, ADAPTER_WEIGHTS), "wb") as f:
+        f.write(save(tensors, metadata={"format": "pt"}))
 
 
 # --------------------------------------------------------------------------------------------

@@ -399,6 +399,9 @@ class DecodeCache(NamedTuple):
 class T5(nnx.Module):
     """T5 for conditional generation: `model(input_ids, decoder_input_ids)` -> float32 logits [B, T, V]."""
 
+    #: What `from_pretrained` loaded it from (hub id, directory, `.gguf` file or preset); None if built here.
+    name_or_path: str | None = None
+
     def __init__(self, config: T5Config, *, lora: LoRAConfig | None = None, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, rngs: nnx.Rngs) -> None:
         self.config = config

@@ -156,9 +156,9 @@ def load_t5(path_or_repo_id: str, *, dtype: Any = jnp.float32, lora: LoRAConfig 
             value = fn(value)
         flat.append((path, var.replace(place(np.asarray(value).astype(var.get_value().dtype), var, mesh))))
     base = nnx.from_flat_state(flat)
-    if lora is None:
-        return nnx.merge(graphdef, lora_abstract, base)
-    return nnx.merge(graphdef, init_lora_state(lora_abstract, seed), base)
+    model = nnx.merge(graphdef, lora_abstract if lora is None else init_lora_state(lora_abstract, seed), base)
+    model.name_or_path = str(path_or_repo_id)
+    return model
 
 
 # --------------------------------------------------------------------------------------------

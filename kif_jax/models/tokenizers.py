@@ -2,10 +2,32 @@
 the one a GGUF file describes in its `tokenizer.ggml.*` metadata (built without torch)."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 from kif_jax.errors import ModelLoadError
+
+NO_TORCH_NOTICE = "PyTorch was not found. Models won't be available"
+
+
+class _DropNoTorchNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(NO_TORCH_NOTICE)
+
+
+@contextlib.contextmanager
+def no_torch_notice() -> Iterator[None]:
+    """Drop only transformers' "PyTorch was not found" notice, which its first import logs (kif_jax uses
+    its tokenizers, never its torch models); every other transformers message still shows."""
+    logger = logging.getLogger("transformers")
+    drop = _DropNoTorchNotice()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 class Tokenizer(Protocol):
@@ -99,7 +121,8 @@ def load_tokenizer(path_or_repo_id: str) -> Tokenizer:
     gguf_path = resolve_gguf_name(path_or_repo_id)
     if gguf_path is not None or str(path_or_repo_id).endswith(".gguf"):
         return HFTokenizer(gguf_tokenizer(gguf_path or os.path.expanduser(str(path_or_repo_id))))
-    from transformers import AutoTokenizer
+    with no_torch_notice():
+        from transformers import AutoTokenizer
 
     return HFTokenizer(AutoTokenizer.from_pretrained(path_or_repo_id))
 
@@ -140,7 +163,9 @@ def gguf_tokenizer(path: str) -> Any:
     """
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
     from tokenizers import Tokenizer as CoreTokenizer
-    from transformers import PreTrainedTokenizerFast
+
+    with no_torch_notice():
+        from transformers import PreTrainedTokenizerFast
 
     from kif_jax.models.gguf import open_gguf, read_metadata
 

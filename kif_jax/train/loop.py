@@ -44,6 +44,7 @@ from kif_jax.sharding import config_mesh, shard_rows, shard_tree
 from kif_jax.train.methods import MethodSpec, cycle_spec, method_spec
 from kif_jax.train.progress import Progress, format_seconds, note
 from kif_jax.train.steps import Programs, TrainState, init_state, make_task_key
+from kif_jax.tracking import Trackers
 from kif_jax.workdir import WorkdirLock
 
 STATIC_IMPORTANCE_STREAM = 2**31 - 1  # numpy seed word for the -DIE estimate's memory batches
@@ -186,6 +187,9 @@ class MethodRun:
         self.R = np.full((len(tasks), len(tasks)), np.nan)
         self.zero_shot: list[float] | None = None
         self.timing = {"train_s": 0.0, "eval_s": 0.0}
+        self.steps_before = self.global_step = 0  # optimizer steps of the finished phases; the trackers' x axis
+        self.wandb_id: str | None = None  # kept in the checkpoints: a resumed run continues the same W&B run
+        self.trackers: Trackers | None = None
 
     # --- state --------------------------------------------------------------------------------
     def _uses_importance(self, phase: int) -> bool:
@@ -274,6 +278,8 @@ class MethodRun:
             return self._run(ckpt)
         finally:
             ckpt.close()
+            if self.trackers is not None:
+                self.trackers.finish()
 
     def _run(self, ckpt: RunCheckpointer) -> dict:
         c, ctx = self.config, self.ctx
@@ -291,6 +297,8 @@ class MethodRun:
             self.timing = meta["timing"]
             offset = meta["metrics_offset"]
             predictions_offset = meta["predictions_offset"]
+            self.steps_before, self.wandb_id = meta["steps_before_phase"], meta["wandb_id"]
+            self.global_step = self.steps_before
             params = state.params
             iterator_state = meta["iterator"] if meta["mid_phase"] else None
             trained = meta.get("trained", False)
@@ -303,7 +311,13 @@ class MethodRun:
                 note(f"{self.method.name}: nothing to run: finished; its results are from {when}")
         if ctx.preemption.should_stop():
             raise Preempted(method=self.method.name, task=start_phase + 1, step=resumed_step, saved=False)
-        writer = MetricsWriter(self.dir / "metrics.jsonl", resume_offset=offset)
+        if is_main() and (c.logging.tensorboard or c.logging.wandb_project):
+            self.trackers = Trackers(self.dir, method=self.method.name, tensorboard=c.logging.tensorboard,
+                                     wandb_project=c.logging.wandb_project, wandb_id=self.wandb_id,
+                                     config=c.to_dict(), tasks=ctx.tasks)
+            self.wandb_id = self.trackers.wandb_id
+        writer = MetricsWriter(self.dir / "metrics.jsonl", resume_offset=offset,
+                               listener=None if self.trackers is None else self._track)
         # One record per evaluated example and evaluation; a phase's records are written together once
         # all its tasks are evaluated, so a resumed run leaves exactly the records of an uninterrupted one.
         self.predictions = MetricsWriter(self.dir / "predictions.jsonl", resume_offset=predictions_offset)
@@ -325,6 +339,8 @@ class MethodRun:
             resuming = iterator_state is not None or trained
             if not trained:
                 state = self.train_phase(phase, state, params, iterator_state, writer, ckpt)
+                self.steps_before += int(state.step)
+                self.global_step = self.steps_before
             iterator_state, trained = None, False
             params = state.params
             t0 = time.perf_counter()
@@ -343,7 +359,15 @@ class MethodRun:
         if is_main():
             write_json(self.dir / "results.json", result)
             save_heatmap(self.dir / "accuracy_matrix.png", self.R, ctx.tasks, title=self.method.name)
+        if self.trackers is not None:
+            self.trackers.log_results(result, self.R, ctx.tasks, self.steps_before)
         return result
+
+    def _track(self, record: dict) -> None:
+        """Every metrics.jsonl record to the trackers, at the method's step over the whole sequence."""
+        if "step" in record and "loss" in record:
+            self.global_step = self.steps_before + int(record["step"])
+        self.trackers.log(record, self.global_step)
 
     def _row(self, phase: int) -> int:
         return len(self.ctx.tasks) - 1 if self.method.joint else phase
@@ -359,7 +383,8 @@ class MethodRun:
         meta = {"phase": phase, "mid_phase": mid_phase, "iterator": iterator, "step": steps_done,
                 "R": [[None if math.isnan(v) else float(v) for v in row] for row in self.R],
                 "zero_shot": self.zero_shot, "timing": self.timing, "metrics_offset": writer.offset(),
-                "predictions_offset": self.predictions.offset(),
+                "predictions_offset": self.predictions.offset(), "steps_before_phase": self.steps_before,
+                "wandb_id": self.wandb_id,
                 "method": self.method.name, "trained": trained}
         ckpt.save(ckpt_id, state, meta)
 

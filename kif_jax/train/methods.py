@@ -1,6 +1,6 @@
 """What each method does, as static switches read by the jitted steps and by the task loop.
 
-Readings of the ablations (the paper's text is not at hand; ALGORITHM.md gives only their names):
+Readings of the ablations (the paper's ablation table gives only their names; docs/algorithm.md):
 - `static_importance` (-DIE): the outer (old-task) importance is estimated once when a task starts
   (on `kif.static_batches` memory batches, at the parameters handed over from the previous task)
   and frozen; the outer learner still takes its replay steps but never updates that importance.
@@ -11,7 +11,7 @@ Readings of the ablations (the paper's text is not at hand; ALGORITHM.md gives o
 Baselines: `seq_lora` trains on each task in turn; `replay` adds the memory buffer to the current
 task's training set; `mtl` trains once on the union of all tasks (an upper bound).
 
-Prior methods (facts of the authors' code from BASELINES.md; arithmetic in kif_jax/core/baselines.py):
+Prior methods (facts of the authors' code, docs/baselines.md; arithmetic in kif_jax/core/baselines.py):
 - `o_lora` (O-LoRA, cmnfriend/O-LoRA @ 07117e1): every adapted projection has a frozen "old" branch (all
   earlier tasks' factors side by side: A [in, r_sum], B [r_sum, out]; peft's A rows are our A columns) and
   a trained "new" branch (rank r). The layer is given their concatenation, so it computes
@@ -46,7 +46,7 @@ Prior methods (facts of the authors' code from BASELINES.md; arithmetic in kif_j
   tuned nor measured on the benchmark: by our estimate, batch-mean gradients make F of order 1e-8..1e-6
   per LoRA element, so lambda in the thousands is what lets the penalty reach the order of the
   cross-entropy for the drifts a task causes (1e-3..1e-2 per element).
-- `adaptive` (+Adaptive ablation, ALGORITHM.md; our reading): Recurrent-KIF whose fusion uses
+- `adaptive` (+Adaptive ablation, docs/algorithm.md; our reading): Recurrent-KIF whose fusion uses
   w_in = S_in / (S_in + S_out), w_out = 1 - w_in per element instead of masks, with each learner's
   scores min-max normalised over all of its elements (0/0 -> 0.5 / 0.5), through
   `kif_jax.fuse_with_weights`.
