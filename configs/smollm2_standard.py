@@ -16,7 +16,7 @@ over 1000 examples a task (1250 steps) would take most of a day a method.
     (dbpedia), never on test data: SeqLoRA trained on dbpedia alone at 3e-4, 1e-3 and 2e-3, each
     scored on 200 dev examples that are not among the evaluated test examples (the benchmark's
     dbpedia dev file is a subset of its test file); the rule, fixed before those runs, takes the
-    highest dev accuracy and the smaller rate on a tie (docs/experiments.md has the figures);
+    highest dev accuracy and the smaller rate on a tie: 2e-3 (docs/experiments.md has the figures);
   - the memory buffer is NOT subsampled: 2% of each earlier task's full training file (20 examples);
   - evaluation: the first 200 test examples of each task (the test files are shuffled), the same for
     every method, after every task, by greedy decoding and exact match;
@@ -44,7 +44,7 @@ def get_config():
     c.train.max_examples_per_task = 960  # 120 steps of 8 a task: 15 whole fusion cycles of Q = 8
     c.train.batch_size = 8
     c.train.micro_batch_size = 8
-    c.train.lr = 1e-3  # chosen on dbpedia's dev split (see the docstring)
+    c.train.lr = 2e-3  # chosen on dbpedia's dev split: 79.5% at 3e-4, 94.0% at 1e-3, 95.0% at 2e-3
     c.train.warmup_steps = 5
     c.train.max_input_length = 192
     c.train.max_target_length = 16  # labels are at most 6 tokens ("Educational Institution" + EOS)
