@@ -16,34 +16,21 @@ import pathlib
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+
+from kif_jax import cli
 
 _HERE = pathlib.Path(__file__).resolve().parent
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+def _fail(message: object) -> None:
+    sys.exit(cli.fail(message))
 
 
-def _check_overrides(argv: list[str]) -> None:
-    """A `--config.<field>` that the schema lacks is one line with the nearest field (exit 2)."""
-    from kif_jax.config import closest_field, known_field
-
-    for arg in argv[1:]:
-        if not arg.startswith("--config."):
-            continue
-        name = arg[len("--config."):].split("=", 1)[0]
-        if not known_field(name):
-            near = closest_field(name)
-            _fail(f"unknown config field in {arg}" + (f"; did you mean --config.{near}?" if near else ""))
-
-
-if __name__ == "__main__":  # before DEFINE_config_file, which applies the overrides as it is defined
-    _check_overrides(sys.argv)
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(_HERE / "configs" / "demo.py"), "Config file (configs/*.py); fields overridable as --config.a.b=v.",
-    lock_config=True)
+if __name__ == "__main__":  # before the config flag is defined: it applies the overrides as it loads
+    _unknown = cli.unknown_override(sys.argv)
+    if _unknown:
+        _fail(_unknown)
+_CONFIG = cli.define_config_flag(flags.FLAGS, str(_HERE / "configs" / "demo.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Results, metrics and checkpoints; default runs/<config name>.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "Multi-process runs: HOST:PORT of process 0 (the same on every process).")
@@ -67,31 +54,23 @@ def parse_flags(argv: list[str]) -> list[str]:
     if any(arg in ("--help", "-h", "--helpshort") for arg in argv[1:]):
         _usage()
     try:
-        return flags.FLAGS(argv)
-    except flags.Error as err:
-        _fail(str(err).splitlines()[0])
-    except (KeyError, AttributeError) as err:  # ml_collections: an override it cannot apply
-        _fail(f"cannot apply a --config override: {' '.join(str(err).split())}")
+        return cli.parse_command_flags(flags.FLAGS, argv)
+    except cli.CommandError as err:
+        _fail(err)
 
 
 def load_config():
     """The parsed config; a config file that cannot be loaded is one line, not a traceback."""
     try:
-        config = _CONFIG.value
-        config.keys()  # a file that failed to load raises only on first use
-        return config
-    except OSError as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        _fail(f"cannot load config file {flags.FLAGS['config'].config_filename}: {lines[-1]}")
-    except (KeyError, AttributeError, TypeError, ValueError) as err:  # an override applied on first use
-        _fail(f"cannot apply a --config override: {' '.join(str(err).split())}")
+        return cli.loaded_config(_CONFIG, flags.FLAGS)
+    except cli.CommandError as err:
+        _fail(err)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from kif_jax import distributed
-    from kif_jax.cli import run
     from kif_jax.config import describe_config
     from kif_jax.errors import KifError
 
@@ -113,7 +92,7 @@ def main(argv: list[str]) -> None:
     if quiet and not distributed.is_main():
         logging.set_verbosity(logging.ERROR)  # process 0 speaks for the run
     config_name = pathlib.Path(flags.FLAGS["config"].config_filename).stem
-    sys.exit(run(load_config(), _WORKDIR.value or f"runs/{config_name}"))
+    sys.exit(cli.run(load_config(), _WORKDIR.value or f"runs/{config_name}"))
 
 
 if __name__ == "__main__":

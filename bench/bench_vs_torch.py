@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from kif_jax import models  # noqa: E402
 from kif_jax.models import peft as kif_peft  # noqa: E402
-from kif_jax.train.methods import CycleSpec  # noqa: E402
+from kif_jax.methods import Program  # noqa: E402
 from kif_jax.train.steps import Programs, init_state, make_task_key  # noqa: E402
 
 LR, CLIP = 3e-4, 1.0
@@ -168,15 +168,14 @@ def kif_jax_step(model: Any, family: Any, batch: dict) -> tuple[Callable[[], flo
     """
     graphdef, lora_state, frozen = nnx.split(model, models.LoRAParam, ...)
     programs = Programs(graphdef, family=family, lr=LR, warmup_steps=0, max_grad_norm=CLIP, weight_decay=0.0,
-                        outer_lr=LR, donate=True)
-    spec = CycleSpec(inner_steps=1)
+                        donate=True)
+    program = Program(inner_steps=1)
     stacked = {k: jnp.asarray(v[None, None]) for k, v in batch.items()}  # [Q=1, A=1, mb, L]
     holder = {"state": init_state(lora_state, programs.tx, key=make_task_key(0, 1, "rbg"), total_steps=10_000,
-                                  importance=False, separate_outer=False, merge_accumulators=False,
                                   select_best=False)}
 
     def step() -> float:
-        holder["state"], metrics = programs.run_cycle(holder["state"], frozen, stacked, None, spec=spec)
+        holder["state"], metrics = programs.run_cycle(holder["state"], frozen, stacked, None, program=program)
         return float(metrics["inner_loss"][0])
 
     loss0 = float(jax.jit(lambda l, f, x: family.token_loss(nnx.merge(graphdef, l, f), x, key=None)[0])(

@@ -26,6 +26,9 @@ from kif_jax.errors import CheckpointError
 
 # Fields that may change between a run and its resumption without changing its results.
 _NOT_FINGERPRINTED = ("checkpoint", "sharding", "methods", "eval.batch_size")
+# The layout of the training state a checkpoint holds. 2: every method's own state under `TrainState.method`
+# (kif_jax/methods/); checkpoints without the field were written before (layout 1) and are refused.
+STATE_LAYOUT = 2
 
 
 def config_fingerprint(config: ml_collections.ConfigDict) -> str:
@@ -98,7 +101,7 @@ class RunCheckpointer:
         return aside
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        meta = dict(meta, config_fingerprint=self.fingerprint)
+        meta = dict(meta, config_fingerprint=self.fingerprint, state_layout=STATE_LAYOUT)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self.manager.save(step, args=args, force=True)
         self.manager.wait_until_finished()
@@ -110,6 +113,12 @@ class RunCheckpointer:
         except Exception as exc:  # orbax raises many types for unreadable files
             raise _Unreadable(f"checkpoint {self.directory}/{step} is unreadable ({type(exc).__name__})",
                               cause=type(exc).__name__) from exc
+        layout = meta.get("state_layout", 1)
+        if layout != STATE_LAYOUT:
+            raise CheckpointError(
+                f"checkpoint {self.directory}/{step} holds a training state of layout {layout}, written by an "
+                f"earlier kif_jax; this one reads layout {STATE_LAYOUT} (each method's state apart): delete "
+                f"{self.directory} to start this method over, or use another --workdir")
         if meta.get("config_fingerprint") != self.fingerprint:
             raise CheckpointError(
                 f"checkpoint {self.directory}/{step} was written under a different config; "

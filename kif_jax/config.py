@@ -2,10 +2,13 @@
 
 Config files (`configs/*.py`) start from `base_config()` and override fields; `validate_config`
 rejects unknown fields and out-of-range values with one line naming the field, before any data is
-tokenized, any model is loaded or anything is compiled.
+tokenized, any model is loaded or anything is compiled. The sections of the methods (`kif`, `o_lora`,
+`tasl`, `ewc`, ...) come from the method registry (kif_jax/methods/): each method module owns its
+section's defaults, docs and checks.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import os
@@ -17,20 +20,6 @@ import ml_collections
 
 from kif_jax.errors import ConfigError
 
-# Methods the task loop runs (see kif_jax/train/methods.py for what each one means).
-METHODS = (
-    "recurrent_kif",
-    "seq_lora",
-    "replay",
-    "mtl",
-    "static_importance",
-    "no_identification",
-    "global_merge",
-    "no_share",
-)
-# Prior methods and the +Adaptive ablation (kif_jax/train/methods.py), selectable in `methods` like the above.
-BASELINE_METHODS = ("o_lora", "tasl", "ewc", "adaptive")
-ALL_METHODS = METHODS + BASELINE_METHODS
 SYNTHETIC_DATA = "synthetic"
 DATA_DIR_ENV = "KIF_DATA_DIR"
 
@@ -45,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     """All fields with the reference defaults (the authors' T5 scripts; docs/algorithm.md)."""
     c = ml_collections.ConfigDict()
     c.seed = 42  # every random choice (init, LoRA A, shuffling, buffer, dropout) derives from it
-    c.methods = "recurrent_kif"  # comma-separated; run one after another into <workdir>/<method>/
+    c.methods = "recurrent_kif"  # comma-separated registry names (kif_jax/methods/) or module:Class; run in turn
     c.data_dir = ""  # benchmark directory (<split>/<task>.json), or "synthetic" for generated tasks
     c.benchmark = ""  # "standard" (orders 4-6) or "long" (orders 1-3); alone it means its first order
     c.order = 0  # task order 1-6 of the benchmark; 0 = take it from `benchmark` or `tasks`
@@ -106,51 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     # the layer inputs), "dots" or "dots_with_no_batch_dims" (keep matmul outputs; jax.checkpoint_policies)
     c.train.remat = "none"
 
-    c.kif = ml_collections.ConfigDict()
-    c.kif.inner_steps = 8  # Q: inner optimizer steps per fusion cycle
-    c.kif.outer_steps = 4  # M: outer (memory replay) steps per cycle
-    c.kif.outer_batch_size = 8  # examples per outer step
-    c.kif.quantile = 0.8  # scores above this quantile are "important" (the top 20%)
-    c.kif.beta1 = 0.85  # sensitivity EMA (reference); the paper's text uses 0.55
-    c.kif.beta2 = 0.85  # uncertainty EMA (reference); the paper's text uses 0.55
-    c.kif.order = "first"  # importance: "first" |p*g|, "second" |p*g|^2, "mix"
-    c.kif.score = "sens_x_unc"  # "sens_x_unc" (reference: S*U) or "sens" (paper: S)
-    c.kif.scope = "global"  # threshold over "global" (reference), "per_tensor" or "per_factor"
-    # Threshold of replicated scores: "exact" quantile (sort) or "bisect" (32 counting passes, same
-    # value). Sharded scores (sharding.fsdp/tensor_parallelism > 1) always use "bisect": it never
-    # gathers them, and both give the same masks (kif_jax/core/thresholds.py says why).
-    c.kif.method = "exact"
-    c.kif.scheme = "reference"  # fusion weights: "reference", "binary" (paper) or "no_share"
-    c.kif.importance_params = "updated"  # p in |p*g|: "updated" (reference: after the step) or "current"
-    # g in |p*g|: "clipped" (after clipping at train.max_grad_norm: the reference Trainer clips p.grad in
-    # place, steps, then its importance update reads p.grad) or "raw" (the step's gradient). Both learners.
-    c.kif.importance_grads = "clipped"
-    # The outer learner's loss is multiplied by this before its gradient: the reference's outer loss goes
-    # through the Trainer's division by gradient_accumulation_steps (4 in its T5 scripts) with a single
-    # backward, so the memory gradient enters clipping, the shared AdamW and the importance scaled by 1/4.
-    c.kif.outer_loss_scale = 0.25
-    c.kif.reset_inner = True  # clear inner importance after every fusion (reference)
-    c.kif.reset_outer = False  # clear outer importance after every fusion (reference keeps it)
-    c.kif.outer_optimizer = "shared"  # "shared": inner AdamW state and lr (reference); "separate"
-    c.kif.outer_lr = 1e-3  # learning rate of the separate outer AdamW
-    c.kif.memory_ratio = 0.02  # memory buffer: this fraction of every earlier task's training set
-    c.kif.fuse_partial_cycle = False  # also fuse the steps left after the last multiple of Q
-    c.kif.static_batches = 16  # static_importance: memory batches used for the one-off estimate
-
-    c.o_lora = ml_collections.ConfigDict()  # method "o_lora" (the authors' code defaults)
-    c.o_lora.lambda1 = 0.5  # weight of the orthogonality loss sum |A_old A_new^T| (from task 2 on)
-    c.o_lora.lambda2 = 0.0  # weight of the new branch's summed Frobenius norms
-
-    c.tasl = ml_collections.ConfigDict()  # method "tasl" (the authors' code defaults)
-    c.tasl.beta1 = 0.85  # importance EMA (AdaLoRA's I_bar)
-    c.tasl.beta2 = 0.85  # uncertainty EMA (AdaLoRA's U_bar)
-    c.tasl.quantile = 0.8  # units above this percentile of the normalised unit scores are important
-
-    c.ewc = ml_collections.ConfigDict()  # method "ewc"
-    # Penalty weight: (lambda_ / 2) sum F (theta - theta*)^2; our choice (kif_jax/train/methods.py). The trailing
-    # underscore: `lambda` is a Python keyword, which ml_collections cannot parse in --config.ewc.lambda=...
-    c.ewc.lambda_ = 5000.0
-    c.ewc.fisher_batches = 8  # training batches of a task whose squared gradients give its Fisher
+    _add_method_sections(c)  # kif, o_lora, tasl, ewc, ...: kif_jax/methods/<method>.py
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 32  # test examples per decoding batch
@@ -185,6 +130,33 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _add_method_sections(c: ml_collections.ConfigDict) -> None:
+    """Every built-in method's config section, in registry order."""
+    from kif_jax.methods import sections
+
+    for section, cls in sections().items():
+        c[section] = cls.default_config()
+
+
+def with_method_sections(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config`, or a copy with the default section of every method of one's own named in `methods` that
+    brings a section the config lacks (built-in sections are always in `base_config`)."""
+    from kif_jax.methods import method_class
+
+    missing = {}
+    for name in split_list(config.methods):
+        cls = method_class(name)
+        if cls.section and cls.section not in config and cls.default_config() is not None:
+            missing[cls.section] = cls.default_config()
+    if not missing:
+        return config
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        for section, defaults in missing.items():
+            config[section] = defaults
+    return config
+
+
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.trainable": ("lora", "all"),
@@ -195,21 +167,11 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.on_nonfinite": ("stop", "skip"),
     "train.prng_impl": ("rbg", "threefry"),
     "train.remat": ("none", "full", "dots", "dots_with_no_batch_dims"),
-    "kif.order": ("first", "second", "mix"),
-    "kif.score": ("sens_x_unc", "sens"),
-    "kif.scope": ("global", "per_tensor", "per_factor"),
-    "kif.method": ("exact", "bisect"),
-    "kif.scheme": ("reference", "binary", "no_share"),
-    "kif.importance_params": ("updated", "current"),
-    "kif.importance_grads": ("raw", "clipped"),
-    "kif.outer_optimizer": ("shared", "separate"),
 }
 _POSITIVE_INTS = (
     "train.epochs", "train.batch_size", "train.micro_batch_size", "train.max_input_length",
     "train.max_target_length", "train.select_every_steps", "train.select_dev_examples",
-    "kif.inner_steps", "kif.outer_steps", "kif.outer_batch_size",
-    "kif.static_batches", "ewc.fisher_batches", "eval.batch_size", "eval.max_new_tokens", "checkpoint.keep",
-    "model.lora.rank",
+    "eval.batch_size", "eval.max_new_tokens", "checkpoint.keep", "model.lora.rank",
 )
 
 
@@ -229,9 +191,26 @@ def split_list(value: str) -> list[str]:
     return [part.strip() for part in str(value).split(",") if part.strip()]
 
 
+def _schema(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The fields a config may have: `base_config()` and the sections of its methods of one's own."""
+    schema = base_config()
+    for name in split_list(config.methods) if isinstance(config.get("methods"), str) else ():
+        try:
+            from kif_jax.methods import method_class
+
+            cls = method_class(name)
+        except ConfigError:
+            continue  # reported with the other method checks below
+        if cls.section and cls.section not in schema and cls.default_config() is not None:
+            schema[cls.section] = cls.default_config()
+    return schema
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Check fields, types and ranges; raise ConfigError naming the first bad field."""
-    known = _flatten(base_config())
+    from kif_jax.methods import method_class, sections
+
+    known = _flatten(_schema(config))
     given = _flatten(config)
     for name in given:
         if name not in known:
@@ -255,37 +234,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     methods = split_list(config.methods)
     if not methods:
         raise ConfigError("config field 'methods' is empty")
-    for method in methods:
-        if method not in ALL_METHODS:
-            raise ConfigError(f"unknown method '{method}' in config field 'methods'; known: {', '.join(ALL_METHODS)}")
-    if len(set(methods)) != len(methods):
+    classes = [method_class(name) for name in methods]  # an unknown name is one line
+    if len({cls.name for cls in classes}) != len(classes):
         raise ConfigError("config field 'methods' names a method twice")
-    if not 0.0 < config.kif.quantile < 1.0:
-        raise ConfigError(f"config field 'kif.quantile' must lie in (0, 1), got {config.kif.quantile}")
-    if "o_lora" in methods and config.model.trainable != "lora":
-        raise ConfigError(f"method 'o_lora' trains per-task LoRA branches: it needs config field 'model.trainable' "
-                          f"= 'lora', got {config.model.trainable!r}")
-    if not 0.0 < config.tasl.quantile < 1.0:
-        raise ConfigError(f"config field 'tasl.quantile' must lie in (0, 1), got {config.tasl.quantile}")
-    for name in ("o_lora.lambda1", "o_lora.lambda2", "ewc.lambda_"):
-        if not (math.isfinite(given[name]) and given[name] >= 0):
-            raise ConfigError(f"config field '{name}' must be a non-negative number, got {given[name]}")
-    for name in ("kif.beta1", "kif.beta2", "tasl.beta1", "tasl.beta2"):
-        if not 0.0 <= given[name] < 1.0:
-            raise ConfigError(f"config field '{name}' must lie in [0, 1), got {given[name]}")
-    if not 0.0 < config.kif.memory_ratio <= 1.0:
-        raise ConfigError(f"config field 'kif.memory_ratio' must lie in (0, 1], got {config.kif.memory_ratio}")
-    for name in ("train.lr", "kif.outer_lr", "kif.outer_loss_scale", "model.lora.alpha"):
+    for name in ("train.lr", "model.lora.alpha"):
         if not (math.isfinite(given[name]) and given[name] > 0):
             raise ConfigError(f"config field '{name}' must be a positive number, got {given[name]}")
     if config.model.lora.dropout < 0 or config.model.lora.dropout >= 1:
         raise ConfigError(f"config field 'model.lora.dropout' must lie in [0, 1), got {config.model.lora.dropout}")
-    for name in ("train.batch_size", "kif.outer_batch_size"):
-        if given[name] % config.train.micro_batch_size:
-            raise ConfigError(
-                f"config field '{name}' ({given[name]}) must be a multiple of train.micro_batch_size "
-                f"({config.train.micro_batch_size})"
-            )
+    if config.train.batch_size % config.train.micro_batch_size:
+        raise ConfigError(f"config field 'train.batch_size' ({config.train.batch_size}) must be a multiple of "
+                          f"train.micro_batch_size ({config.train.micro_batch_size})")
     for name in ("train.warmup_steps", "logging.progress_every_steps", "eval.max_examples_per_task", "train.max_examples_per_task", "checkpoint.every_steps",
                  "sharding.num_devices", "order"):
         if given[name] < 0:
@@ -296,6 +255,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config field '{name}' must be a positive integer or -1, got {given[name]}")
     if sum(given[name] == -1 for name in axes) > 1:
         raise ConfigError(f"config fields {', '.join(n for n in axes if given[n] == -1)}: at most one may be -1")
+    # Each method section's own checks (whether or not its method runs), then each selected method's.
+    owners = dict(sections())
+    for cls in classes:
+        owners.setdefault(cls.section, cls)
+    for section, cls in owners.items():
+        if section in config:
+            cls.validate_section(config)
+    for cls in classes:
+        cls.check_config(config)
     if not config.data_dir:
         raise ConfigError("config field 'data_dir' is empty: give a benchmark directory or 'synthetic'")
     if config.data_dir != SYNTHETIC_DATA and not pathlib.Path(config.data_dir).is_dir():
@@ -309,19 +277,29 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def field_docs() -> dict[str, str]:
-    """Each config field's one-line doc: the comment on its line in `base_config`, else the comment above it."""
+    """Each config field's one-line doc: the comment on its line in `base_config` (or in its method
+    section's `default_config`), else the comment above it."""
+    from kif_jax.methods import sections
+
+    docs = _source_docs(base_config, "")
+    for section, cls in sections().items():
+        docs.update(_source_docs(cls.default_config, section + "."))
+    return docs
+
+
+def _source_docs(fn: Any, prefix: str) -> dict[str, str]:
     docs: dict[str, str] = {}
     above: list[str] = []
-    for line in inspect.getsource(base_config).splitlines():
+    for line in inspect.getsource(fn).splitlines():
         stripped = line.strip()
         if stripped.startswith("#"):
             above.append(stripped.lstrip("# "))
             continue
         match = re.match(r"c\.([\w.]+) = (.*?)(?:\s+#\s*(.*))?$", stripped)
         if match and not match.group(2).startswith("ml_collections.ConfigDict"):
-            docs[match.group(1)] = _first_sentence(match.group(3) or " ".join(above))
+            docs[prefix + match.group(1)] = _first_sentence(match.group(3) or " ".join(above))
         elif match and match.group(3):
-            docs[match.group(1)] = match.group(3)
+            docs[prefix + match.group(1)] = match.group(3)
         above = []
     return docs
 

@@ -11,7 +11,7 @@ evaluated). With B = the number of rows (tasks trained), as in docs/algorithm.md
 A metric whose entries are missing (NaN) is NaN. The functions are scale-free (fractions in,
 fractions out); the tables print percent.
 
-`results.json` schema (written by the training loop with `make_results` + `write_results`; all
+`results.json` schema (written by the training loop with `make_results` and kif_jax/run_files.py; all
 accuracies are fractions in [0, 1], and `null` stands for "not evaluated" / "undefined"):
 
   schema_version    int, 1
@@ -205,13 +205,6 @@ def make_results(
         "config": dict(config or {}),
         "timing": {k: float(v) for k, v in (timing or {}).items()},
     }
-
-
-def write_results(path: str | os.PathLike, results: Mapping[str, Any]) -> None:
-    """Write a results dict as strict JSON (no NaN tokens), indented."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, allow_nan=False)
-        f.write("\n")
 
 
 def read_results(path: str | os.PathLike) -> dict[str, Any]:

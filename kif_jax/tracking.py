@@ -112,7 +112,7 @@ def _heatmap_figure(matrix: np.ndarray, tasks: Sequence[str], title: str) -> Any
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kif_jax.reporting import draw_heatmap
+    from kif_jax.run_files import draw_heatmap
 
     size = max(4.0, 0.55 * len(tasks) + 2.0)
     fig, ax = plt.subplots(figsize=(size, size * 0.85))

@@ -1,4 +1,5 @@
-"""Shared test setup: 8 virtual CPU devices for sharding tests, a compilation cache, the benchmark path."""
+"""Shared test setup: 8 virtual CPU devices for sharding tests, a compilation cache, the benchmark path, and the
+`fp32_matmuls` fixture. Helpers shared by test files are in tests/helpers.py."""
 import os
 import pathlib
 import tempfile
@@ -68,6 +69,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if "slow" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture
+def fp32_matmuls():
+    """Matmuls in full float32 (XLA's CPU default may use fewer bits), for parity with reference values."""
+    with jax.default_matmul_precision("float32"):
+        yield
 
 
 def benchmark_dir() -> pathlib.Path:

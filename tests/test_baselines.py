@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import time
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -20,23 +21,23 @@ from flax import nnx
 
 import kif_jax
 import tiny_config
+from helpers import read_metrics
 from tiny_models import random_t5_batches, tiny_t5_lora
 from kif_jax import cli, models
-from kif_jax.config import BASELINE_METHODS, validate_config
-from kif_jax.core import baselines
+from kif_jax.config import validate_config
 from kif_jax.errors import ConfigError
-from kif_jax.train import CycleSpec, Programs, cycle_spec, init_state, method_spec, train_and_evaluate
-from kif_jax.train.steps import INNER_STREAM, make_task_key
+from kif_jax.methods import Program
+from kif_jax.methods.base import INNER_STREAM
+from kif_jax.methods.ewc import EwcState, FisherUpdate, ewc_penalty
+from kif_jax.methods.o_lora import l2_loss, lora_concat, lora_zeros, o_lora_loss, orthogonality_loss
+from kif_jax.methods.recurrent_kif import KifCycle, KifState, adaptive_weights
+from kif_jax.methods.tasl import TaSL, TaslProgram, TaslState, ConsolidateSkills, minmax, tasl_merge, tasl_weights
+from kif_jax.metrics import results_matrix as matrix
+from kif_jax.train import Programs, ResumePosition, init_state, train_and_evaluate
+from kif_jax.train.steps import make_task_key
 
-TASK_END = 10_000_000  # checkpoint id of the end of task 1 (kif_jax/train/loop.py: phase * 10_000_000 + step)
-
-
-def read_metrics(path: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def matrix(result: dict) -> np.ndarray:
-    return np.array([[math.nan if v is None else v for v in row] for row in result["accuracy_matrix"]])
+BASELINE_METHODS = ("o_lora", "tasl", "ewc", "adaptive")
+TASK_END = ResumePosition(phase=1).checkpoint_id  # the checkpoint of task 1's end
 
 
 def training_records(workdir: pathlib.Path, method: str) -> list[dict]:
@@ -60,14 +61,14 @@ def test_o_lora_branches_and_loss_by_hand():
     new = {"m1": {"lora_a": f32([[3], [-1]]), "lora_b": f32([[3, 4]])},
            "m2": {"lora_a": f32([[2], [1]]), "lora_b": f32([[0, 0, 0]])}}
     # m1: A_old^T A_new = 1*3 + 2*(-1) = 1 -> 1;  m2: [[1*2 + 0*1], [0*2 - 1*1]] = [[2], [-1]] -> 3.  O = 4.
-    assert float(baselines.orthogonality_loss(old, new)) == 4.0
+    assert float(orthogonality_loss(old, new)) == 4.0
     # L2: ||A1|| = sqrt(10), ||B1|| = 5, ||A2|| = sqrt(5), ||B2|| = 0 (Frobenius norms, not squared).
-    np.testing.assert_allclose(float(baselines.l2_loss(new)), math.sqrt(10) + 5 + math.sqrt(5), rtol=1e-6)
-    loss = baselines.o_lora_loss(old, new, lambda1=0.5, lambda2=0.1)
+    np.testing.assert_allclose(float(l2_loss(new)), math.sqrt(10) + 5 + math.sqrt(5), rtol=1e-6)
+    loss = o_lora_loss(old, new, lambda1=0.5, lambda2=0.1)
     np.testing.assert_allclose(float(loss), 0.5 * 4 + 0.1 * (math.sqrt(10) + 5 + math.sqrt(5)), rtol=1e-6)
-    assert float(baselines.o_lora_loss((), new, lambda1=0.5, lambda2=0.0)) == 0.0  # task 1: no old branch
+    assert float(o_lora_loss((), new, lambda1=0.5, lambda2=0.0)) == 0.0  # task 1: no old branch
     # The norm of the all-zero B2 has gradient 0, not NaN; ||B1|| has B1 / ||B1|| = [0.6, 0.8].
-    grads = jax.grad(lambda n: baselines.o_lora_loss(old, n, lambda1=0.5, lambda2=0.1))(new)
+    grads = jax.grad(lambda n: o_lora_loss(old, n, lambda1=0.5, lambda2=0.1))(new)
     np.testing.assert_array_equal(grads["m2"]["lora_b"], np.zeros((1, 3)))
     np.testing.assert_allclose(grads["m1"]["lora_b"], [[0.06, 0.08]], rtol=1e-6)
     # d/dA_new of 0.5 * |A_old^T A_new| for m1: 0.5 * sign(1) * A_old = [[0.5], [1]]; + 0.1 * A/||A||.
@@ -75,7 +76,7 @@ def test_o_lora_branches_and_loss_by_hand():
                                rtol=1e-6)
 
     # The layer sees both branches side by side: one matmul gives x A_old B_old + x A_new B_new.
-    both = baselines.lora_concat(old, new)
+    both = lora_concat(old, new)
     assert both["m1"]["lora_a"].shape == (2, 2) and both["m1"]["lora_b"].shape == (2, 2)
     assert both["m2"]["lora_a"].shape == (2, 3) and both["m2"]["lora_b"].shape == (3, 3)
     x = f32([[1, 1]])
@@ -83,18 +84,18 @@ def test_o_lora_branches_and_loss_by_hand():
     np.testing.assert_array_equal(x @ both["m1"]["lora_a"] @ both["m1"]["lora_b"], [[9, 8]])
     # m2: x A_old = [1, -1] -> [1, 1, 1]; x A_new = 3 -> B2 = 0 -> [0, 0, 0].
     np.testing.assert_array_equal(x @ both["m2"]["lora_a"] @ both["m2"]["lora_b"], [[1, 1, 1]])
-    zeros = baselines.lora_zeros(new, 3)
+    zeros = lora_zeros(new, 3)
     assert zeros["m1"]["lora_a"].shape == (2, 3) and zeros["m1"]["lora_b"].shape == (3, 2)
 
 
 def test_tasl_minmax_and_four_case_merge_by_hand():
-    np.testing.assert_allclose(baselines.minmax(f32([2, 4, 6])), [0, 0.5, 1])
-    np.testing.assert_array_equal(baselines.minmax(f32([3, 3])), [0, 0])  # equal scores: zeros, not 0/0
+    np.testing.assert_allclose(minmax(f32([2, 4, 6])), [0, 0.5, 1])
+    np.testing.assert_array_equal(minmax(f32([3, 3])), [0, 0])  # equal scores: zeros, not 0/0
     # 10 units. current -> [1, .9, 0, .1, .2, .3, .4, .5, .6, .7]; 80th percentile (linear) .74: units 0, 1.
     current = f32([10, 9, 0, 1, 2, 3, 4, 5, 6, 7])
     # previous -> [1, 0, 1, .5, 0, 0, 0, 0, 0, 0]; 80th percentile .6: units 0, 2.
     previous = f32([2, 1, 2, 1.5, 1, 1, 1, 1, 1, 1])
-    w, accumulated = baselines.tasl_weights(current, previous, quantile=0.8)
+    w, accumulated = tasl_weights(current, previous, quantile=0.8)
     # unit 0 both -> 0.3 current; unit 1 current only -> 1; unit 2 previous only -> 0; the rest neither -> 0.5.
     np.testing.assert_allclose(w, [0.3, 1.0, 0.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
     # 0.3 cur + 0.7 prev = [1, .27, .7, .38, .06, .09, .12, .15, .18, .21]; min-max over [.06, 1].
@@ -103,7 +104,7 @@ def test_tasl_minmax_and_four_case_merge_by_hand():
 
     prev_params = {f"u{i}": jnp.full((2, 3), 10.0) for i in range(10)}
     cur_params = {f"u{i}": jnp.full((2, 3), 20.0) for i in range(10)}
-    merged = baselines.tasl_merge(prev_params, cur_params, w)
+    merged = tasl_merge(prev_params, cur_params, w)
     want = [13.0, 20.0, 10.0] + [15.0] * 7  # 0.3*20 + 0.7*10; current; previous; 0.5*20 + 0.5*10
     for i in range(10):
         np.testing.assert_allclose(merged[f"u{i}"], np.full((2, 3), want[i]), rtol=1e-6)
@@ -111,19 +112,18 @@ def test_tasl_minmax_and_four_case_merge_by_hand():
     # The same through the jitted task-end program, with unit scores from the importance state
     # (mean of I_bar * U_bar per tensor: I_bar = current_u everywhere, U_bar = 1).
     programs = Programs(None, family=None, lr=1e-3, warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
-                        outer_lr=1e-3, donate=False)
-    state = init_state(cur_params, programs.tx, key=make_task_key(0, 1, "rbg"), total_steps=1, importance=True,
-                       separate_outer=False, merge_accumulators=False, select_best=False)
+                        donate=False)
     imp = kif_jax.ImportanceState({f"u{i}": jnp.full((2, 3), current[i]) for i in range(10)},
                                   {f"u{i}": jnp.ones((2, 3)) for i in range(10)}, jnp.int32(5))
-    state = state.replace(imp_in=imp, anchor=prev_params, unit_scores=previous)
-    first, _ = programs.consolidate_skills(state, first=True, quantile=0.8)  # task 1: kept as trained
-    np.testing.assert_array_equal(first.unit_scores, current)
+    state = init_state(cur_params, programs.tx, key=make_task_key(0, 1, "rbg"), total_steps=1, select_best=False,
+                       method_state=TaslState(importance=imp, anchor=prev_params, unit_scores=previous))
+    first, _ = programs.run_hook(state, None, program=ConsolidateSkills(first=True, quantile=0.8))  # task 1: kept
+    np.testing.assert_array_equal(first.method.unit_scores, current)
     assert all(np.all(first.params[f"u{i}"] == 20.0) for i in range(10))
-    later, stats = programs.consolidate_skills(state, first=False, quantile=0.8)
+    later, stats = programs.run_hook(state, None, program=ConsolidateSkills(first=False, quantile=0.8))
     for i in range(10):
         np.testing.assert_allclose(later.params[f"u{i}"], np.full((2, 3), want[i]), rtol=1e-6)
-    np.testing.assert_allclose(later.unit_scores, (mixed - 0.06) / 0.94, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(later.method.unit_scores, (mixed - 0.06) / 0.94, rtol=1e-5, atol=1e-6)
     assert (int(stats["units_both"]), int(stats["units_current_only"]), int(stats["units_previous_only"])) == (1, 1, 1)
 
 
@@ -132,8 +132,8 @@ def test_ewc_penalty_by_hand():
     star = {"a": f32([0, 2]), "b": f32([[1]])}
     fisher = {"a": f32([2, 5]), "b": f32([[0.5]])}
     # (4 / 2) * (2 * 1^2 + 5 * 0^2 + 0.5 * 2^2) = 2 * 4 = 8
-    assert float(baselines.ewc_penalty(params, star, fisher, lam=4.0)) == 8.0
-    grads = jax.grad(lambda p: baselines.ewc_penalty(p, star, fisher, lam=4.0))(params)  # lam * F * (p - p*)
+    assert float(ewc_penalty(params, star, fisher, lam=4.0)) == 8.0
+    grads = jax.grad(lambda p: ewc_penalty(p, star, fisher, lam=4.0))(params)  # lam * F * (p - p*)
     np.testing.assert_array_equal(grads["a"], [8.0, 0.0])
     np.testing.assert_array_equal(grads["b"], [[4.0]])
 
@@ -146,19 +146,19 @@ def test_ewc_fisher_is_the_mean_squared_batch_gradient_and_sums_over_tasks():
     graphdef, params, frozen = nnx.split(_tiny_lora_model(), models.LoRAParam, ...)
     params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape), params)
     programs = Programs(graphdef, family=models.Seq2SeqFamily(), lr=1e-3, warmup_steps=0, max_grad_norm=1.0,
-                        weight_decay=0.0, outer_lr=1e-3, donate=False)
+                        weight_decay=0.0, donate=False)
     batches = _random_batches(np.random.default_rng(0), 3)  # K = 3 batches of 2 micro-batches
     earlier = jax.tree.map(lambda p: jnp.full(p.shape, 0.25, jnp.float32), params)  # an earlier task's Fisher
-    state = init_state(params, programs.tx, key=make_task_key(0, 1, "rbg"), total_steps=1, importance=False,
-                       separate_outer=False, merge_accumulators=False, select_best=False)
-    state = state.replace(fisher=earlier, star=jax.tree.map(jnp.zeros_like, params))
-    new, stats = programs.update_fisher(state, frozen, batches)
-    grad = jax.jit(lambda b: programs.accumulated_grads(params, frozen, b, None)[1])
+    state = init_state(params, programs.tx, key=make_task_key(0, 1, "rbg"), total_steps=1, select_best=False,
+                       method_state=EwcState(fisher=earlier, star=jax.tree.map(jnp.zeros_like, params)))
+    new, stats = programs.run_hook(state, frozen, batches, program=FisherUpdate())
+    grad = jax.jit(lambda b: programs.accumulated_grads(Program(inner_steps=0), params, (), frozen, b, None)[1])
     squares = [jax.tree.map(jnp.square, grad(jax.tree.map(lambda x: x[k], batches))) for k in range(3)]
-    for got, e, *sq in zip(jax.tree.leaves(new.fisher), jax.tree.leaves(earlier), *map(jax.tree.leaves, squares)):
+    for got, e, *sq in zip(jax.tree.leaves(new.method.fisher), jax.tree.leaves(earlier),
+                           *map(jax.tree.leaves, squares)):
         np.testing.assert_allclose(got, e + sum(sq) / 3, rtol=1e-5, atol=1e-12)
     assert int(stats["fisher_batches"]) == 3 and float(stats["fisher_mean"]) > 0.25
-    for got, want in zip(jax.tree.leaves(new.star), jax.tree.leaves(params)):  # theta* = the parameters now
+    for got, want in zip(jax.tree.leaves(new.method.star), jax.tree.leaves(params)):  # theta* = the parameters now
         np.testing.assert_array_equal(got, want)
 
 
@@ -167,51 +167,51 @@ def test_tasl_importance_uses_the_clipped_gradient_from_the_second_step():
     graphdef, params, frozen = nnx.split(_tiny_lora_model(), models.LoRAParam, ...)
     params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape), params)
     programs = Programs(graphdef, family=models.Seq2SeqFamily(), lr=1e-3, warmup_steps=0, max_grad_norm=0.01,
-                        weight_decay=0.0, outer_lr=1e-3, donate=False)
-    config = tiny_config.get_config()
-    spec = cycle_spec(method_spec("tasl"), config.kif, inner_steps=2, with_outer=False, config=config, phase=1)
-    assert spec.track_importance and spec.importance_clipped_grads and spec.importance_first_step == 1
-    state = init_state(params, programs.tx, key=make_task_key(0, 1, "rbg"), total_steps=10, importance=True,
-                       separate_outer=False, merge_accumulators=False, select_best=False)
+                        weight_decay=0.0, donate=False)
+    tasl = TaSL(tiny_config.get_config())
+    program, extra = tasl.cycle(SimpleNamespace(phase=1), 0, 2)
+    assert isinstance(program, TaslProgram) and (program.beta1, program.beta2) == (0.85, 0.85) and extra == []
+    state = init_state(params, programs.tx, key=make_task_key(0, 1, "rbg"), total_steps=10, select_best=False,
+                       method_state=tasl.init_state(1, params, tx=programs.tx))
     batches = _random_batches(np.random.default_rng(1), 2)
-    step = jax.jit(lambda s, b: programs._step(s, b, False, 0, frozen, spec)[0])
+    step = jax.jit(lambda s, b: programs.step(program, s, b, frozen)[0])
     s1 = step(state, jax.tree.map(lambda x: x[0], batches))
-    assert int(s1.imp_in.count) == 0 and all(float(jnp.max(x)) == 0 for x in jax.tree.leaves(s1.imp_in.sens))
+    imp1 = s1.method.importance
+    assert int(imp1.count) == 0 and all(float(jnp.max(x)) == 0 for x in jax.tree.leaves(imp1.sens))
     second = jax.tree.map(lambda x: x[1], batches)
     s2 = step(s1, second)
-    _, g = jax.jit(lambda p, b, k: programs.accumulated_grads(p, frozen, b, k))(
-        s1.params, second, programs._key(s1, INNER_STREAM, s1.step))
+    _, g, _ = jax.jit(lambda p, b, k: programs.accumulated_grads(Program(inner_steps=0), p, (), frozen, b, k))(
+        s1.params, second, programs.key(s1, INNER_STREAM, s1.step))
     norm = float(optax.tree.norm(g))
     assert norm > 0.01  # clipping matters here
-    for sens, unc, p, gi in zip(*map(jax.tree.leaves, (s2.imp_in.sens, s2.imp_in.unc, s2.params, g))):
+    imp2 = s2.method.importance
+    for sens, unc, p, gi in zip(*map(jax.tree.leaves, (imp2.sens, imp2.unc, s2.params, g))):
         sensitivity = np.abs(np.asarray(p) * np.asarray(gi) * (0.01 / norm))
         np.testing.assert_allclose(sens, 0.15 * sensitivity, rtol=2e-4, atol=1e-12)
         np.testing.assert_allclose(unc, 0.15 * 0.85 * sensitivity, rtol=2e-4, atol=1e-12)
-    assert int(s2.imp_in.count) == 1
+    assert int(imp2.count) == 1
 
 
 def test_adaptive_weights_by_hand():
     s_in = {"a": f32([0, 2]), "b": f32([4, 1])}  # min-max over the learner: a [0, .5], b [1, .25]
     s_out = {"a": f32([1, 1]), "b": f32([3, 2])}  # a [0, 0], b [1, .5]
-    w_in, w_out = baselines.adaptive_weights(s_in, s_out)
+    w_in, w_out = adaptive_weights(s_in, s_out)
     np.testing.assert_allclose(w_in["a"], [0.5, 1.0])  # 0/0 -> 0.5; .5 / (.5 + 0) = 1
     np.testing.assert_allclose(w_in["b"], [0.5, 1 / 3], rtol=1e-6)  # 1 / 2; .25 / .75
     np.testing.assert_allclose(w_out["b"], [0.5, 2 / 3], rtol=1e-6)
-    equal = baselines.adaptive_weights({"a": f32([7, 7])}, {"a": f32([2, 2])})[0]  # constant scores: all 0.5
+    equal = adaptive_weights({"a": f32([7, 7])}, {"a": f32([2, 2])})[0]  # constant scores: all 0.5
     np.testing.assert_array_equal(equal["a"], [0.5, 0.5])
 
-    # The training program's fusion with CycleSpec(adaptive=True): theta + w_in tau_in + w_out tau_out,
+    # The training program's fusion with KifCycle(adaptive=True): theta + w_in tau_in + w_out tau_out,
     # scores S * U of each learner's importance state (U = 1 here).
     programs = Programs(None, family=None, lr=1e-3, warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
-                        outer_lr=1e-3, donate=False)
+                        donate=False)
     base = {"a": f32([0, 0]), "b": f32([0, 0])}
-    state = init_state(base, programs.tx, key=make_task_key(0, 1, "rbg"), total_steps=1, importance=True,
-                       separate_outer=False, merge_accumulators=False, select_best=False)
     ones = {"a": f32([1, 1]), "b": f32([1, 1])}
-    state = state.replace(imp_in=kif_jax.ImportanceState(s_in, ones, jnp.int32(1)),
-                          imp_out=kif_jax.ImportanceState(s_out, ones, jnp.int32(1)))
+    kif = KifState(imp_in=kif_jax.ImportanceState(s_in, ones, jnp.int32(1)),
+                   imp_out=kif_jax.ImportanceState(s_out, ones, jnp.int32(1)))
     tau_in, tau_out = ones, jax.tree.map(lambda x: 10 * x, ones)
-    fused, stats, _ = programs._fuse(base, tau_in, tau_out, state, CycleSpec(inner_steps=1, adaptive=True))
+    fused, stats, _ = KifCycle(inner_steps=1, adaptive=True).fuse_vectors(programs, base, tau_in, tau_out, kif)
     np.testing.assert_allclose(fused["a"], [0.5 + 5, 1.0], rtol=1e-6)
     np.testing.assert_allclose(fused["b"], [0.5 + 5, 1 / 3 + 20 / 3], rtol=1e-6)
     np.testing.assert_allclose(float(stats["w_in_mean"]), (0.5 + 1 + 0.5 + 1 / 3) / 4, rtol=1e-6)
@@ -310,7 +310,7 @@ def test_o_lora_resumes_exactly_although_its_rank_grows(baseline_runs, tmp_path)
     # The task-2 checkpoint holds the old branch (task 1's factors, rank r) beside the new one (rank r).
     tree = ocp.StandardCheckpointer().metadata(str(checkpoints / str(2 * TASK_END) / "state")).item_metadata
     r = config.model.lora.rank
-    for part in ("old_lora", "params"):
+    for part in ("method", "params"):  # the old branch is O-LoRA's state
         shapes = [(jax.tree_util.keystr(k), tuple(v.shape)) for k, v in jax.tree_util.tree_flatten_with_path(
             tree[part], is_leaf=lambda x: hasattr(x, "shape"))[0]]
         assert len(shapes) == 12, part

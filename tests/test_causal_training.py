@@ -1,7 +1,5 @@
 """The decoder-only training path: the loss mask, prompt truncation, decoding batches, and every method
 end to end on a tiny random decoder checkpoint in Hugging Face format (one fusion cycle == kif_jax.fuse)."""
-import json
-import math
 import pathlib
 
 import jax
@@ -13,30 +11,25 @@ from flax import nnx
 
 import kif_jax
 import tiny_config
+from helpers import CORE_METHODS as METHODS
+from helpers import kif_state, read_metrics
 from kif_jax import models
-from kif_jax.config import METHODS
 from kif_jax.data import IGNORE_INDEX, collate, eval_batches
 from kif_jax.data.batching import tokenize_causal_records
 from kif_jax.data.prompts import render_prompt
 from kif_jax.models import decoder_hf
 from kif_jax.models.decoder import DecoderConfig, DecoderLM
 from kif_jax.models.decoder_generate import greedy_decode_lm
-from kif_jax.train import CycleSpec, Programs, init_state, train_and_evaluate
-from kif_jax.train.steps import make_task_key
+from kif_jax.methods import Learner
+from kif_jax.methods.recurrent_kif import KifCycle
+from kif_jax.metrics import results_matrix as matrix
+from kif_jax.train import Programs, train_and_evaluate
 
 BYTES = models.ByteTokenizer()
 TINY = DecoderConfig(model_type="llama", vocab_size=259, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, rope_theta=10000.0,
                      max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=None, eos_token_id=1,
                      pad_token_id=0)
-
-
-def read_metrics(path: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def matrix(result: dict) -> np.ndarray:
-    return np.array([[math.nan if v is None else v for v in row] for row in result["accuracy_matrix"]])
 
 
 @pytest.fixture(scope="module")
@@ -147,22 +140,23 @@ def test_one_fusion_cycle_equals_fuse_by_hand():
     graphdef, params, frozen = nnx.split(DecoderLM(TINY, lora=lora, rngs=nnx.Rngs(3)), models.LoRAParam, ...)
     params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape), params)
     programs = Programs(graphdef, family=models.CausalFamily(), lr=5e-3, warmup_steps=0, max_grad_norm=1.0,
-                        weight_decay=0.0, outer_lr=1e-3, donate=False)
-    state = init_state(params, programs.tx, key=make_task_key(0, 1, "rbg"), total_steps=100, importance=True,
-                       separate_outer=False, merge_accumulators=False, select_best=False)
+                        weight_decay=0.0, donate=False)
+    state = kif_state(programs, params)
     rng = np.random.default_rng(0)
     inner, outer = _causal_batches(rng, 3), _causal_batches(rng, 2)
-    spec = CycleSpec(inner_steps=3, outer_steps=2, fuse=True, track_importance=True)
-    fused_state, _ = programs.run_cycle(state, frozen, inner, outer, spec=spec)
+    program = KifCycle(inner_steps=3, outer_steps=2, importance_clipped_grads=False, outer_loss_scale=1.0)
+    fused_state, _ = programs.run_cycle(state, frozen, inner, outer, program=program)
 
-    after_inner, _ = programs.run_cycle(state, frozen, inner, None, spec=CycleSpec(inner_steps=3, track_importance=True))
+    after_inner, _ = jax.jit(lambda s: programs.scan_steps(program, s, frozen, inner, Learner(False, jnp.int32(0))))(
+        state)
     s = after_inner
     for m in range(2):
-        s, _ = programs._step(s, jax.tree.map(lambda x: x[m], outer), True, jnp.int32(m), frozen, spec)
+        s, _ = programs.step(program, s, jax.tree.map(lambda x: x[m], outer), frozen, Learner(True, jnp.int32(m)))
     tau_in = kif_jax.task_vector(after_inner.params, state.params)
     tau_out = kif_jax.task_vector(s.params, after_inner.params)
-    expected = kif_jax.fuse(state.params, tau_in, tau_out, kif_jax.importance_scores(s.imp_in),
-                            kif_jax.importance_scores(s.imp_out), quantile=0.8, scope="global", scheme="reference")
+    expected = kif_jax.fuse(state.params, tau_in, tau_out, kif_jax.importance_scores(s.method.imp_in),
+                            kif_jax.importance_scores(s.method.imp_out), quantile=0.8, scope="global",
+                            scheme="reference")
     for got, want, end in zip(jax.tree.leaves(fused_state.params), jax.tree.leaves(expected),
                               jax.tree.leaves(s.params)):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)

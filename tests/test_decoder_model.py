@@ -22,10 +22,7 @@ VARIANTS = ("llama", "llama3", "mistral", "qwen2", "qwen3")
 QV = LoRAConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "v_proj"))
 
 
-@pytest.fixture(autouse=True)
-def _fp32_matmuls():
-    with jax.default_matmul_precision("float32"):
-        yield
+pytestmark = pytest.mark.usefixtures("fp32_matmuls")  # exact float32 matmuls (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

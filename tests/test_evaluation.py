@@ -1,12 +1,10 @@
 """Evaluation modes: option scoring ("score") against greedy decoding ("generate") on trained tiny models."""
-import numpy as np
 import pytest
 from flax import nnx
 
 import tiny_config
 from kif_jax import data as kdata
 from kif_jax.evaluation import Evaluator
-from kif_jax.models import LoRAParam
 from kif_jax.sharding import data_mesh
 from kif_jax.train import loop
 
@@ -28,22 +26,21 @@ def _trained(tmp_path, family: str):
     data_dir, tasks = loop.resolve_run(config, tmp_path)
     model, tokenizer, fam = loop.build_model(config)
     graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+    from kif_jax.methods import Program
     from kif_jax.train.steps import Programs, init_state, make_task_key
-    from kif_jax.train.methods import CycleSpec
 
     records = [r for t in tasks for r in kdata.load_split(data_dir, t, "train")]
     train = fam.tokenize(records, tokenizer, max_input_length=64, max_target_length=8)
     programs = Programs(graphdef, family=fam, lr=3e-3, warmup_steps=2, max_grad_norm=1.0, weight_decay=0.0,
-                        outer_lr=1e-3, donate=False)
+                        donate=False)
     batches = kdata.BatchIterator(train, 16, seed=0)
     steps = config.train.epochs * batches.steps_per_epoch
-    state = init_state(params, programs.tx, key=make_task_key(0, 0, "rbg"), total_steps=steps, importance=False,
-                       separate_outer=False, merge_accumulators=False, select_best=False)
-    spec = CycleSpec(inner_steps=4)
+    state = init_state(params, programs.tx, key=make_task_key(0, 0, "rbg"), total_steps=steps, select_best=False)
+    program = Program(inner_steps=4)
     for _ in range(steps // 4):
         stacked = kdata.stack_batches([batches.next() for _ in range(4)])
         stacked = {k: v[:, None] for k, v in stacked.items()}  # one micro-batch per step
-        state, _ = programs.run_cycle(state, frozen, stacked, None, spec=spec)
+        state, _ = programs.run_cycle(state, frozen, stacked, None, program=program)
     tests = {t: fam.tokenize(kdata.load_split(data_dir, t, "test"), tokenizer, max_input_length=64,
                              max_target_length=8) for t in tasks}
     return graphdef, fam, tokenizer, state.params, frozen, tests, data_dir

@@ -17,10 +17,7 @@ from kif_jax.models import generate
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 
-@pytest.fixture(autouse=True)
-def _fp32_matmuls():
-    with jax.default_matmul_precision("float32"):
-        yield
+pytestmark = pytest.mark.usefixtures("fp32_matmuls")  # exact float32 matmuls (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,7 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 LORA = LoRAConfig(rank=4, alpha=8.0, dropout=0.1)
 
 
-@pytest.fixture(autouse=True)
-def _fp32_matmuls():
-    with jax.default_matmul_precision("float32"):
-        yield
+pytestmark = pytest.mark.usefixtures("fp32_matmuls")  # exact float32 matmuls (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 import tiny_config
+from helpers import training_records
 from kif_jax import cli, compare, metrics
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "tiny_config.py"
-METRIC_KEYS = ("phase", "step", "loss", "grad_norm", "lr", "outer_loss", "mask_in_frac", "mask_out_frac")
 
 
 def main_command(workdir: pathlib.Path, *overrides: str) -> list[str]:
@@ -26,11 +26,6 @@ def main_command(workdir: pathlib.Path, *overrides: str) -> list[str]:
 def run_main(workdir: pathlib.Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(main_command(workdir, *overrides), capture_output=True, text=True, timeout=600,
                           cwd=REPO)
-
-
-def training_record(workdir: pathlib.Path, method: str) -> list[tuple]:
-    lines = (workdir / method / "metrics.jsonl").read_text().splitlines()
-    return [tuple(r.get(k) for k in METRIC_KEYS) for r in map(json.loads, lines) if "loss" in r]
 
 
 def kill_mid_method_and_resume(tmp_path: pathlib.Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -60,7 +55,7 @@ def kill_mid_method_and_resume(tmp_path: pathlib.Path, *overrides: str) -> subpr
         got = json.loads((killed_dir / method / "results.json").read_text())
         assert got["accuracy_matrix"] == want["accuracy_matrix"]
         # Bit-identical training: every logged loss, norm and mask share, in the same order.
-        assert training_record(killed_dir, method) == training_record(tmp_path / "reference", method)
+        assert training_records(killed_dir, method) == training_records(tmp_path / "reference", method)
         # The per-example records of an uninterrupted run, and exactly the matrix results.json holds.
         predictions = (killed_dir / method / "predictions.jsonl").read_text()
         assert predictions == (tmp_path / "reference" / method / "predictions.jsonl").read_text()

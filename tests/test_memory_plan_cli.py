@@ -15,8 +15,10 @@ import jax
 import pytest
 from flax import nnx
 
-from kif_jax.memory_plan import abstract_model, main, plan_config
+from kif_jax.cli import memory_plan_main as main
+from kif_jax.models.family import abstract_model
 from kif_jax.models.layers import LoRAParam
+from kif_jax.train.plan import plan_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 POD = ROOT / "configs" / "llama2_13b_pod.py"

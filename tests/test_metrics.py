@@ -7,6 +7,7 @@ import pytest
 
 from kif_jax import metrics
 from kif_jax.metrics import accuracy_table, bwt, comparison_table, exact_match, fwt, make_results, op
+from kif_jax.run_files import write_json
 
 NAN = float("nan")
 # Lower-triangular run (only seen tasks evaluated), worked out by hand:
@@ -76,7 +77,7 @@ def test_make_results_is_strict_json(tmp_path):
     assert res["forgetting"] == [pytest.approx(0.3), pytest.approx(0.05), None]
     assert res["method"] == "replay" and res["config"] == {"seed": 42} and res["timing"] == {"total": 12.5}
     path = tmp_path / "results.json"
-    metrics.write_results(path, res)
+    write_json(path, res)  # as the training loop writes it: strict JSON, NaN as null
     back = metrics.read_results(path)
     assert back == json.loads(json.dumps(res)) and "NaN" not in path.read_text()
     assert np.isnan(metrics.results_matrix(back)[0, 2]) and metrics.results_matrix(back)[2, 1] == 0.75

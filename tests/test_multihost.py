@@ -27,6 +27,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import helpers
 from kif_jax import distributed, sharding
 from kif_jax.config import validate_config
 from kif_jax.errors import ConfigError
@@ -38,7 +39,6 @@ METHOD = "recurrent_kif"
 OVERRIDES = ("--config.sharding.num_devices=0", "--config.sharding.data_parallelism=2",
              "--config.sharding.fsdp_parallelism=4", "--config.train.micro_batch_size=8",
              "--config.model.lora.dropout=0.0", "--config.eval.mode=score", "--config.checkpoint.every_steps=2")
-METRIC_KEYS = ("phase", "step", "loss", "grad_norm", "lr", "outer_loss", "mask_in_frac", "mask_out_frac")
 # Lines of every CPU run, skipped: gloo's connection reports (printed to stdout by both processes,
 # sometimes interleaved mid-line) and XLA's warnings about the tiny model's attention layouts.
 NOISE = ("[Gloo]", "connected peer ranks", "Involuntary full rematerialization")
@@ -134,8 +134,7 @@ def results(workdir: pathlib.Path) -> dict:
 
 
 def training_records(workdir: pathlib.Path) -> list[tuple]:
-    lines = (workdir / METHOD / "metrics.jsonl").read_text().splitlines()
-    return [tuple(r.get(k) for k in METRIC_KEYS) for r in map(json.loads, lines) if "loss" in r]
+    return helpers.training_records(workdir, METHOD)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ that `PeftModel.from_pretrained` reads what `save_adapter` writes and reproduces
 import json
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -23,10 +22,7 @@ KINDS = {"t5": ("t5_v1_1", ("q", "v")), "llama": ("decoder_llama", ("q_proj", "v
 T5_ADAPTER = FIXTURES / "peft_t5_adapter"
 
 
-@pytest.fixture(autouse=True)
-def _fp32_matmuls():
-    with jax.default_matmul_precision("float32"):
-        yield
+pytestmark = pytest.mark.usefixtures("fp32_matmuls")  # exact float32 matmuls (tests/conftest.py)
 
 
 def _need(kind: str) -> None:

@@ -17,14 +17,17 @@ import time
 
 import pytest
 
+import helpers
 import tiny_config
 from kif_jax.errors import CheckpointError
 from kif_jax.preemption import EXIT_CODE, Preempted, PreemptionGuard
-from kif_jax.train import train_and_evaluate
+from kif_jax.train import ResumePosition, train_and_evaluate
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "tiny_config.py"
-METRIC_KEYS = ("phase", "step", "loss", "grad_norm", "lr", "outer_loss", "mask_in_frac", "mask_out_frac")
+# The checkpoints of a tiny run with checkpoint.every_steps = 2 (4 steps a task), in the order they are written.
+TASK_1_END, TASK_2_STEP_2, TASK_2_END = (ResumePosition(1).checkpoint_id, ResumePosition(1, step=2).checkpoint_id,
+                                         ResumePosition(2).checkpoint_id)
 LONG_RUN = ("--config.methods=recurrent_kif", "--config.synthetic.n_train=800")  # 100 steps per task
 PREEMPTED_LINE = ("preempted at task {task} step {step} (recurrent_kif); checkpoint saved; "
                   "run the same command to resume")
@@ -35,18 +38,11 @@ def main_command(workdir: pathlib.Path, *overrides: str) -> list[str]:
 
 
 def records(workdir: pathlib.Path, method: str = "recurrent_kif") -> list[dict]:
-    path = workdir / method / "metrics.jsonl"
-    out = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            break
-    return out
+    return helpers.read_metrics(workdir / method / "metrics.jsonl")  # stops at a line being written
 
 
 def training_records(workdir: pathlib.Path, method: str = "recurrent_kif") -> list[tuple]:
-    return [tuple(r.get(k) for k in METRIC_KEYS) for r in records(workdir, method) if "loss" in r]
+    return helpers.training_records(workdir, method)
 
 
 def accuracy_matrix(workdir: pathlib.Path, method: str = "recurrent_kif") -> list:
@@ -92,7 +88,7 @@ def test_sigterm_mid_task_saves_exits_75_and_resumes_to_the_identical_result(tmp
     assert not (workdir / "recurrent_kif" / "results.json").exists()
     assert no_temporary_checkpoints(workdir)
     saved = sorted(int(p.name) for p in (workdir / "recurrent_kif" / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved[-1] == 10_000_000 + step  # the mid-task checkpoint: task 2, `step` steps done
+    assert saved[-1] == ResumePosition(phase=1, step=step).checkpoint_id  # the mid-task checkpoint of task 2
 
     resumed = subprocess.run(main_command(workdir, *LONG_RUN), capture_output=True, text=True, timeout=600,
                              cwd=REPO)
@@ -158,8 +154,8 @@ def _checkpoints(workdir: pathlib.Path) -> list[int]:
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(finished_run, tmp_path, caplog):
     workdir = tmp_path / "run"
     shutil.copytree(finished_run, workdir)
-    assert _checkpoints(workdir) == [10_000_000, 10_000_002, 20_000_000]
-    latest = workdir / "recurrent_kif" / "checkpoints" / "20000000"
+    assert _checkpoints(workdir) == [TASK_1_END, TASK_2_STEP_2, TASK_2_END]
+    latest = workdir / "recurrent_kif" / "checkpoints" / str(TASK_2_END)
     for f in (latest / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
@@ -168,20 +164,20 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(finished_run, 
     with caplog.at_level(logging.WARNING):
         result = train_and_evaluate(_checkpointed_config(), workdir)["recurrent_kif"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "unreadable" in r.getMessage()]
-    assert len(warnings) == 1 and f"{latest}" in warnings[0] and "resuming from checkpoint 10000002" in warnings[0]
+    assert len(warnings) == 1 and f"{latest}" in warnings[0] and f"resuming from checkpoint {TASK_2_STEP_2}" in warnings[0]
     assert result["accuracy_matrix"] == accuracy_matrix(finished_run)
     assert training_records(workdir) == training_records(finished_run)
-    assert (workdir / "recurrent_kif" / "checkpoints.unreadable" / "20000000").is_dir()
-    assert _checkpoints(workdir) == [10_000_000, 10_000_002, 20_000_000]  # task 2's end saved anew
+    assert (workdir / "recurrent_kif" / "checkpoints.unreadable" / str(TASK_2_END)).is_dir()
+    assert _checkpoints(workdir) == [TASK_1_END, TASK_2_STEP_2, TASK_2_END]  # task 2's end saved anew
 
 
 def test_fallback_still_refuses_a_checkpoint_of_another_config(finished_run, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(finished_run, workdir)
-    (workdir / "recurrent_kif" / "checkpoints" / "20000000" / "meta" / "metadata").write_text("{garbage")
+    (workdir / "recurrent_kif" / "checkpoints" / str(TASK_2_END) / "meta" / "metadata").write_text("{garbage")
     config = _checkpointed_config()
     config.train.lr = 5e-3
-    with pytest.raises(CheckpointError, match="10000002 was written under a different config"):
+    with pytest.raises(CheckpointError, match=f"{TASK_2_STEP_2} was written under a different config"):
         train_and_evaluate(config, workdir)
 
 
@@ -189,7 +185,7 @@ def test_unfinished_temporary_checkpoints_are_ignored_and_cleaned(finished_run, 
     workdir = tmp_path / "run"
     shutil.copytree(finished_run, workdir)
     checkpoints = workdir / "recurrent_kif" / "checkpoints"
-    shutil.rmtree(checkpoints / "20000000")  # resume from task 2's step 2
+    shutil.rmtree(checkpoints / str(TASK_2_END))  # resume from task 2's step 2
     (workdir / "recurrent_kif" / "results.json").unlink()
     for name in ("10000004.orbax-checkpoint-tmp-1234", "30000000.orbax-checkpoint-tmp-99"):
         (checkpoints / name / "state").mkdir(parents=True)

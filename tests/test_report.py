@@ -13,15 +13,13 @@ import numpy as np
 import pytest
 
 import tiny_config
+from helpers import read_metrics
 from kif_jax import metrics, report
+from kif_jax.report import plots
 from kif_jax.train import train_and_evaluate
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def read_metrics(path: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def figures(md: str) -> list[str]:
@@ -276,10 +274,10 @@ def drawn(monkeypatch):
         fig.canvas.draw()
         figures.append(fig)
 
-    monkeypatch.setattr(report, "_save", keep)
+    monkeypatch.setattr(plots, "_save", keep)
     yield figures
     for fig in figures:
-        report._plt().close(fig)
+        plots._plt().close(fig)
 
 
 def _series(ax) -> list:

@@ -6,7 +6,6 @@ import json
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -15,14 +14,15 @@ from jax.sharding import PartitionSpec as P
 
 import kif_jax
 import tiny_config
+from helpers import kif_state, read_metrics
 from tiny_models import random_t5_batches, tiny_t5_lora
 from kif_jax import models, sharding
 from kif_jax.config import validate_config
 from kif_jax.errors import ConfigError
 from kif_jax.models.family import build_model
 from kif_jax.models.layers import set_remat
-from kif_jax.train import CycleSpec, Programs, init_state, train_and_evaluate
-from kif_jax.train.steps import make_task_key
+from kif_jax.methods.recurrent_kif import KifCycle
+from kif_jax.train import Programs, train_and_evaluate
 
 # --------------------------------------------------------------------------------------------
 # Knowledge identification and fusion on any mesh
@@ -107,28 +107,27 @@ def test_cycle_keeps_every_state_in_its_parameters_sharding(shape):
     graphdef, params, frozen = nnx.split(_tiny_t5(), models.LoRAParam, ...)
     params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape), params)
     programs = Programs(graphdef, family=models.Seq2SeqFamily(), lr=5e-3, warmup_steps=0, max_grad_norm=1.0,
-                        weight_decay=0.0, outer_lr=1e-3, mesh=mesh)
-    fresh = lambda p: init_state(p, programs.tx, key=make_task_key(0, 1, "rbg"), total_steps=100,  # noqa: E731
-                                 importance=True, separate_outer=False, merge_accumulators=False, select_best=False)
+                        weight_decay=0.0, mesh=mesh)
+    fresh = functools.partial(kif_state, programs)
     rng = np.random.default_rng(0)
     inner, outer = _batches(rng, 2), _batches(rng, 1)
-    spec = CycleSpec(inner_steps=2, outer_steps=1, fuse=True, track_importance=True)
+    program = KifCycle(inner_steps=2, outer_steps=1, importance_clipped_grads=False, outer_loss_scale=1.0)
     ref_state, ref_out = Programs(graphdef, family=models.Seq2SeqFamily(), lr=5e-3, warmup_steps=0,
-                                  max_grad_norm=1.0, weight_decay=0.0, outer_lr=1e-3).run_cycle(
-        fresh(params), frozen, inner, outer, spec=spec)
+                                  max_grad_norm=1.0, weight_decay=0.0).run_cycle(
+        fresh(params), frozen, inner, outer, program=program)
 
     frozen_s = sharding.shard_tree(frozen, mesh)
     state = sharding.shard_tree(fresh(sharding.shard_tree(params, mesh)), mesh)
     rows = lambda b: sharding.shard_rows(b, mesh, row_axis=2)  # noqa: E731
-    state, out = programs.run_cycle(state, frozen_s, rows(inner), rows(outer), spec=spec)
+    state, out = programs.run_cycle(state, frozen_s, rows(inner), rows(outer), program=program)
 
-    fsdp, tensor = shape[1] > 1, shape[2] > 1
+    fsdp = shape[1] > 1  # else tensor parallelism
     q = ("encoder", "blocks", 0, "self_attention", "q")
     lora_a, lora_b = (*q, "lora_a"), (*q, "lora_b")
     expect = {lora_a: P("fsdp") if fsdp else P(), lora_b: P(None, "fsdp") if fsdp else P(None, "tensor")}
     adam = state.opt_state[1]
     for path, want in expect.items():
-        for tree in (state.params, adam.mu, adam.nu, state.imp_in.sens, state.imp_out.unc):
+        for tree in (state.params, adam.mu, adam.nu, state.method.imp_in.sens, state.method.imp_out.unc):
             assert dict(nnx.to_flat_state(tree))[path].get_value().sharding.spec == want, (path, want)
     kernels = {(*q, "kernel"): P("fsdp") if fsdp else P(None, "tensor"),
                ("encoder", "blocks", 0, "ff", "wo", "kernel"): P(None, "fsdp") if fsdp else P("tensor"),
@@ -156,7 +155,7 @@ def _run(tmp_path, data, fsdp, tensor):
     config.model.lora.dropout = 0.0
     workdir = tmp_path / f"{data}x{fsdp}x{tensor}"
     train_and_evaluate(config, workdir)
-    records = [json.loads(line) for line in (workdir / "recurrent_kif" / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(workdir / "recurrent_kif" / "metrics.jsonl")
     losses = [r[k] for r in records if "loss" in r for k in ("loss", "outer_loss") if r.get(k) is not None]
     return losses, json.loads((workdir / "recurrent_kif" / "memory.json").read_text())
 

@@ -28,10 +28,7 @@ from kif_jax.models import t5_hf
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 
-@pytest.fixture(autouse=True)
-def _fp32_matmuls():
-    with jax.default_matmul_precision("float32"):
-        yield
+pytestmark = pytest.mark.usefixtures("fp32_matmuls")  # exact float32 matmuls (tests/conftest.py)
 
 
 def test_tiny_config_defaults_and_replace():

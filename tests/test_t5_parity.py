@@ -1,7 +1,6 @@
 """Parity of kif_jax's T5 with Hugging Face's PyTorch T5 (goldens from tools/make_t5_fixtures.py)."""
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,10 +12,7 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 KINDS = ("t5_v1_0", "t5_v1_1", "t5_v1_1_bf16_sharded")
 
 
-@pytest.fixture(autouse=True)
-def _fp32_matmuls():
-    with jax.default_matmul_precision("float32"):
-        yield
+pytestmark = pytest.mark.usefixtures("fp32_matmuls")  # exact float32 matmuls (tests/conftest.py)
 
 
 @pytest.fixture(scope="module", params=KINDS)

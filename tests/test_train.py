@@ -1,7 +1,6 @@
 """End-to-end training: every method, one fusion cycle against kif_jax.fuse, devices, errors, checkpoints."""
 import dataclasses
 import json
-import math
 import pathlib
 
 import jax
@@ -13,22 +12,18 @@ from optax.tree import norm as optax_norm
 
 import kif_jax
 import tiny_config
+from helpers import CORE_METHODS, kif_state, read_metrics, training_records
 from kif_jax import models
-from kif_jax.config import METHODS
+from kif_jax.config import base_config
 from kif_jax.errors import CheckpointError, NonFiniteError
-from kif_jax.train import CycleSpec, Programs, init_state, train_and_evaluate
-from kif_jax.train.steps import make_task_key
+from kif_jax.methods import Learner, Program
+from kif_jax.methods.recurrent_kif import KifCycle, RecurrentKIF
+from kif_jax.metrics import results_matrix as matrix
+from kif_jax.train import Programs, train_and_evaluate
 
+METHODS = CORE_METHODS
 KIF_FAMILY = ("recurrent_kif", "static_importance", "no_identification", "global_merge", "no_share")
 WITH_MASKS = ("recurrent_kif", "static_importance", "global_merge", "no_share")
-
-
-def read_metrics(path: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def matrix(result: dict) -> np.ndarray:
-    return np.array([[math.nan if v is None else v for v in row] for row in result["accuracy_matrix"]])
 
 
 @pytest.fixture(scope="module")
@@ -101,19 +96,19 @@ def test_importance_from_clipped_gradients_scales_by_the_clip_factor():
     params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape), params)
     max_norm = 1e-3  # far below the gradient norm, so the clip is active
     programs = Programs(graphdef, family=models.Seq2SeqFamily(), lr=5e-3, warmup_steps=0, max_grad_norm=max_norm,
-                        weight_decay=0.0, outer_lr=1e-3, donate=False)
-    state = init_state(params, programs.tx, key=make_task_key(0, 1, "rbg"), total_steps=100, importance=True,
-                       separate_outer=False, merge_accumulators=False, select_best=False)
+                        weight_decay=0.0, donate=False)
+    state = kif_state(programs, params)
     batch = jax.tree.map(lambda x: x[0], _random_batches(np.random.default_rng(0), 1))
     steps = {}
     for clipped in (False, True):
-        spec = CycleSpec(inner_steps=1, track_importance=True, importance_clipped_grads=clipped)
-        steps[clipped] = programs._step(state, batch, False, jnp.int32(0), frozen, spec)
+        program = KifCycle(inner_steps=1, outer_steps=1, importance_clipped_grads=clipped)
+        steps[clipped] = programs.step(program, state, batch, frozen, Learner(False, jnp.int32(0)))
     (raw, raw_metrics), (clip, _) = steps[False], steps[True]
     factor = max_norm / float(raw_metrics["grad_norm"])
     assert factor < 1e-2
     for part in ("sens", "unc"):
-        for got, want in zip(jax.tree.leaves(getattr(clip.imp_in, part)), jax.tree.leaves(getattr(raw.imp_in, part))):
+        for got, want in zip(jax.tree.leaves(getattr(clip.method.imp_in, part)),
+                             jax.tree.leaves(getattr(raw.method.imp_in, part))):
             np.testing.assert_allclose(got, factor * np.asarray(want), rtol=1e-5, atol=1e-12)
             assert float(np.abs(want).max()) > 0.0
     for got, want in zip(jax.tree.leaves(clip.params), jax.tree.leaves(raw.params)):
@@ -126,40 +121,35 @@ def test_one_fusion_cycle_equals_fuse_by_hand(outer_micro):
     # Non-zero B factors, so that both factors have gradients and importance.
     params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape), params)
     programs = Programs(graphdef, family=models.Seq2SeqFamily(),
-                        lr=5e-3, warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0, outer_lr=1e-3,
-                        donate=False)
-    state = init_state(params, programs.tx, key=make_task_key(0, 1, "rbg"), total_steps=100, importance=True,
-                       separate_outer=False, merge_accumulators=False, select_best=False)
+                        lr=5e-3, warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0, donate=False)
+    state = kif_state(programs, params)
     rng = np.random.default_rng(0)
     inner, outer = _random_batches(rng, 3), _random_batches(rng, 2, micro=outer_micro)
-    spec = CycleSpec(inner_steps=3, outer_steps=2, fuse=True, track_importance=True)
-    fused_state, out = programs.run_cycle(state, frozen, inner, outer, spec=spec)
+    program = KifCycle(inner_steps=3, outer_steps=2, importance_clipped_grads=False, outer_loss_scale=1.0)
+    fused_state, out = programs.run_cycle(state, frozen, inner, outer, program=program)
 
     # By hand: the same inner steps, then the outer steps one by one, then kif_jax.fuse.
-    after_inner, _ = programs.run_cycle(state, frozen, inner, None, spec=CycleSpec(inner_steps=3, track_importance=True))
+    inner_steps = jax.jit(lambda s: programs.scan_steps(program, s, frozen, inner, Learner(False, jnp.int32(0))))
+    after_inner, _ = inner_steps(state)
     theta_k = after_inner.params
     s = after_inner
     for m in range(2):
-        s, _ = programs._step(s, jax.tree.map(lambda x: x[m], outer), True, jnp.int32(m), frozen, spec)
+        s, _ = programs.step(program, s, jax.tree.map(lambda x: x[m], outer), frozen, Learner(True, jnp.int32(m)))
     tau_in = kif_jax.task_vector(theta_k, state.params)
     tau_out = kif_jax.task_vector(s.params, theta_k)
-    expected = kif_jax.fuse(state.params, tau_in, tau_out, kif_jax.importance_scores(s.imp_in),
-                            kif_jax.importance_scores(s.imp_out), quantile=0.8, scope="global", scheme="reference")
+    expected = kif_jax.fuse(state.params, tau_in, tau_out, kif_jax.importance_scores(s.method.imp_in),
+                            kif_jax.importance_scores(s.method.imp_out), quantile=0.8, scope="global",
+                            scheme="reference")
     for got, want, end in zip(jax.tree.leaves(fused_state.params), jax.tree.leaves(expected),
                               jax.tree.leaves(s.params)):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
         assert not np.allclose(got, end)  # fusion really changed the end-of-cycle parameters
     # Reference resets: inner importance cleared, outer importance kept.
-    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(fused_state.imp_in.sens))
-    for got, want in zip(jax.tree.leaves(fused_state.imp_out), jax.tree.leaves(s.imp_out)):
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(fused_state.method.imp_in.sens))
+    for got, want in zip(jax.tree.leaves(fused_state.method.imp_out), jax.tree.leaves(s.method.imp_out)):
         # Two compiled programs round differently in the last bits; |s - S| amplifies that near zero.
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()))
     assert int(fused_state.step) == 3 and out["inner_loss"].shape == (3,) and out["outer_loss"].shape == (2,)
-
-
-def _losses(workdir: pathlib.Path, method: str) -> list[tuple]:
-    keys = ("phase", "step", "loss", "grad_norm", "lr", "outer_loss", "mask_in_frac", "mask_out_frac")
-    return [tuple(r.get(k) for k in keys) for r in read_metrics(workdir / method / "metrics.jsonl") if "loss" in r]
 
 
 def test_eight_devices_equal_one_device(tmp_path):
@@ -170,7 +160,7 @@ def test_eight_devices_equal_one_device(tmp_path):
         config.train.micro_batch_size = 8  # 8 rows: one per device
         config.model.lora.dropout = 0.0  # rbg dropout bits are not guaranteed identical across meshes
         results[devices] = train_and_evaluate(config, tmp_path / str(devices))["recurrent_kif"]
-        losses[devices] = _losses(tmp_path / str(devices), "recurrent_kif")
+        losses[devices] = training_records(tmp_path / str(devices), "recurrent_kif")
     assert len(losses[1]) == len(losses[8]) >= 4
     for a, b in zip(losses[1], losses[8]):
         assert a[:2] == b[:2]
@@ -262,32 +252,30 @@ def test_trains_lora_on_a_hugging_face_checkpoint_in_bf16(tmp_path):
 def test_reference_defaults_one_inner_and_one_outer_step_by_hand():
     """The reference's defaults (clipped importance, outer loss x 0.25 through the shared AdamW), worked by
     hand with optax's formulas: clip, Adam step, then |p * g| from the clipped gradient, for both learners."""
-    from kif_jax.config import base_config
-    from kif_jax.train.methods import cycle_spec, method_spec
-
-    kif = base_config().kif
+    config = base_config()
+    kif = config.kif
     assert kif.importance_grads == "clipped" and kif.outer_loss_scale == 0.25 and kif.outer_optimizer == "shared"
     graphdef, params, frozen = nnx.split(_tiny_lora_model(), models.LoRAParam, ...)
     params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape), params)
     rng = np.random.default_rng(1)
     inner, outer = _random_batches(rng, 1), _random_batches(rng, 1)
     probe = Programs(graphdef, family=models.Seq2SeqFamily(), lr=5e-3, warmup_steps=0, max_grad_norm=1.0,
-                     weight_decay=0.0, outer_lr=1e-3, donate=False)
+                     weight_decay=0.0, donate=False)
     norm = lambda t: float(optax_norm(t))
-    g_in0 = probe.accumulated_grads(params, frozen, jax.tree.map(lambda x: x[0], inner), None)[1]
-    g_out0 = probe.accumulated_grads(params, frozen, jax.tree.map(lambda x: x[0], outer), None)[1]
+    plain = Program(inner_steps=0)
+    g_in0 = probe.accumulated_grads(plain, params, (), frozen, jax.tree.map(lambda x: x[0], inner), None)[1]
+    g_out0 = probe.accumulated_grads(plain, params, (), frozen, jax.tree.map(lambda x: x[0], outer), None)[1]
     # A clip norm between the scaled outer gradient's norm and the inner one's: the inner gradient is
     # clipped, the outer one is not, so the 0.25 shows in the update (a clipped gradient would hide it).
     assert 0.25 * norm(g_out0) < 0.5 * norm(g_in0)
     max_norm = 0.5 * norm(g_in0)
     lr, total, b1, b2, eps, beta = 5e-3, 100, 0.9, 0.999, 1e-8, 0.85
     programs = Programs(graphdef, family=models.Seq2SeqFamily(), lr=lr, warmup_steps=0, max_grad_norm=max_norm,
-                        weight_decay=0.0, outer_lr=1e-3, donate=False)
-    state = init_state(params, programs.tx, key=make_task_key(0, 1, "rbg"), total_steps=total, importance=True,
-                       separate_outer=False, merge_accumulators=False, select_best=False)
-    spec = cycle_spec(method_spec("recurrent_kif"), kif, inner_steps=1, with_outer=True)
-    spec = dataclasses.replace(spec, outer_steps=1, fuse=False)  # the two steps alone, no fusion
-    got, out = programs.run_cycle(state, frozen, inner, outer, spec=spec)
+                        weight_decay=0.0, donate=False)
+    state = kif_state(programs, params, total_steps=total)
+    program = RecurrentKIF(config).cycle_program(1)
+    program = dataclasses.replace(program, outer_steps=1, fuse=False)  # the two steps alone, no fusion
+    got, out = programs.run_cycle(state, frozen, inner, outer, program=program)
 
     def clip(g):
         n = norm(g)
@@ -302,8 +290,8 @@ def test_reference_defaults_one_inner_and_one_outer_step_by_hand():
     m = jax.tree.map(lambda g: (1 - b1) * g, c_in)
     v = jax.tree.map(lambda g: (1 - b2) * g * g, c_in)
     p1 = jax.tree.map(lambda p, m, v: p - lr * (m / (1 - b1)) / (jnp.sqrt(v / (1 - b2)) + eps), params, m, v)
-    g_out = jax.tree.map(lambda g: 0.25 * g, programs.accumulated_grads(p1, frozen, jax.tree.map(lambda x: x[0], outer),
-                                                                        None)[1])
+    g_out = jax.tree.map(lambda g: 0.25 * g, programs.accumulated_grads(plain, p1, (), frozen,
+                                                                        jax.tree.map(lambda x: x[0], outer), None)[1])
     c_out = clip(g_out)
     assert norm(c_out) == pytest.approx(norm(g_out))  # not clipped
     m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, m, c_out)
@@ -313,7 +301,7 @@ def test_reference_defaults_one_inner_and_one_outer_step_by_hand():
     want = {"params": p2, "in": importance(p1, c_in), "out": importance(p2, c_out)}
     for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want["params"])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # lr 5e-3 steps: a 0.25 vs 1 scale moves 1e-4+
-    for name, imp in (("in", got.imp_in), ("out", got.imp_out)):
+    for name, imp in (("in", got.method.imp_in), ("out", got.method.imp_out)):
         for part, expected in zip(("sens", "unc"), want[name]):
             for a, b in zip(jax.tree.leaves(getattr(imp, part)), jax.tree.leaves(expected)):
                 np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))

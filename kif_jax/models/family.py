@@ -257,11 +257,7 @@ def build_model(model_config: Any, *, seed: int, mesh: Any = None) -> tuple[nnx.
     from kif_jax.models.tokenizers import load_tokenizer
 
     m = model_config
-    dtype = jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32
-    lora = None
-    if m.trainable == "lora":
-        lora = LoRAConfig(rank=m.lora.rank, alpha=float(m.lora.alpha), dropout=float(m.lora.dropout),
-                          targets=tuple(t.strip() for t in str(m.lora.targets).split(",") if t.strip()))
+    dtype, lora = _dtype_and_lora(m)
     if m.name in (TINY_T5, TINY_DECODER):
         model = _tiny_model(m.name, m.tiny, lora=lora, dtype=dtype, seed=seed)
         source = m.tokenizer or "byte"
@@ -274,6 +270,111 @@ def build_model(model_config: Any, *, seed: int, mesh: Any = None) -> tuple[nnx.
         raise ConfigError(f"tokenizer '{source}' has {tokenizer.vocab_size} ids but the model only "
                           f"{model.config.vocab_size} embeddings")
     return model, tokenizer, family_of(model, m.prompt_template)
+
+
+def _dtype_and_lora(m: Any) -> tuple[Any, LoRAConfig | None]:
+    """The compute dtype and the LoRA config (None unless only LoRA trains) of a `model` config section."""
+    dtype = jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32
+    lora = None
+    if m.trainable == "lora":
+        lora = LoRAConfig(rank=m.lora.rank, alpha=float(m.lora.alpha), dropout=float(m.lora.dropout),
+                          targets=tuple(t.strip() for t in str(m.lora.targets).split(",") if t.strip()))
+    return dtype, lora
+
+
+# --------------------------------------------------------------------------------------------
+# A model's architecture and abstract shapes, without its weights (the memory plan of a run not at hand)
+# --------------------------------------------------------------------------------------------
+
+
+def model_architecture(name: str) -> tuple[Any, str]:
+    """(DecoderConfig or T5Config of model `name`, where it came from), without reading any weights.
+
+    In order: a local checkpoint directory's (or `.gguf` file's) config; the hub cache's config.json;
+    the built-in sizes of a preset (`decoder.PRESET_CONFIGS`, `t5.PRESETS`); config.json fetched from
+    the hub. Errors are `ConfigError`s.
+    """
+    import json
+    import pathlib
+
+    from kif_jax.errors import KifError
+    from kif_jax.models import decoder, decoder_hf, t5
+    from kif_jax.models.hf_files import SafetensorsReader, read_config, weight_files
+    from kif_jax.models.loading import DECODER_TYPES, T5_TYPES
+
+    source = resolve_model_source(name)
+    try:
+        if source.endswith(".gguf"):
+            from kif_jax.models.gguf import GGUFCheckpoint
+
+            if not os.path.isfile(source):
+                raise ConfigError(f"config field 'model.name': GGUF file {source} does not exist")
+            checkpoint = GGUFCheckpoint(source)
+            return decoder_hf._untie_if_separate_head(decoder_hf._config(checkpoint.config, source), checkpoint), source
+        reader = None
+        if os.path.isdir(source):
+            hf, origin = read_config(source), os.path.join(source, "config.json")
+            try:
+                reader = SafetensorsReader(weight_files(source))  # headers only: a tied head stored apart
+            except KifError:
+                pass
+        else:
+            hf, origin = None, source
+            try:
+                from huggingface_hub import try_to_load_from_cache
+
+                cached = try_to_load_from_cache(source, "config.json")
+            except Exception:  # noqa: BLE001 - not a valid hub id: no cache entry
+                cached = None
+            if isinstance(cached, str):
+                hf, origin = json.loads(pathlib.Path(cached).read_text()), cached
+            elif name in decoder.PRESET_CONFIGS:
+                return decoder.PRESET_CONFIGS[name], "kif_jax.models.decoder.PRESET_CONFIGS (published config.json)"
+            elif name in t5.PRESETS:
+                return t5.PRESETS[name][1], "kif_jax.models.t5.PRESETS"
+            else:
+                import logging as std_logging
+
+                hub_log = std_logging.getLogger("huggingface_hub")
+                level = hub_log.level
+                hub_log.setLevel(std_logging.ERROR)  # its retries' warnings: the failure is one line below
+                try:
+                    from huggingface_hub import hf_hub_download
+
+                    path = hf_hub_download(source, "config.json")
+                except Exception as e:  # noqa: BLE001 - every hub failure is one message
+                    raise ConfigError(f"config field 'model.name': no architecture for {name!r}: not a local "
+                                      f"checkpoint, not in the hub cache, no built-in sizes, and its config.json "
+                                      f"cannot be fetched ({type(e).__name__})") from None
+                finally:
+                    hub_log.setLevel(level)
+                hf, origin = json.loads(pathlib.Path(path).read_text()), path
+        model_type = hf.get("model_type", "t5")
+        if model_type in T5_TYPES:
+            return t5.T5Config.from_hf(hf), origin
+        if model_type not in DECODER_TYPES:
+            raise ConfigError(f"{origin}: model_type {model_type!r} is not supported; "
+                              f"known: {', '.join(T5_TYPES + DECODER_TYPES)}")
+        config = decoder.DecoderConfig.from_hf(hf)
+        return (config if reader is None else decoder_hf._untie_if_separate_head(config, reader)), origin
+    except KifError as e:
+        raise ConfigError(str(e)) from None
+
+
+def abstract_model(model_config: Any, *, seed: int) -> tuple[Any, Any, str]:
+    """(abstract model as `build_model` would build it, its architecture config, its source): shapes only."""
+    from kif_jax.models.decoder import DecoderConfig, DecoderLM
+    from kif_jax.models.t5 import T5
+
+    m = model_config
+    dtype, lora = _dtype_and_lora(m)
+    if m.name in (TINY_T5, TINY_DECODER):
+        model = nnx.eval_shape(lambda: _tiny_model(m.name, m.tiny, lora=lora, dtype=dtype, seed=seed))
+        return model, model.config, f"model.tiny ({m.name})"
+    arch, origin = model_architecture(m.name)
+    cls = DecoderLM if isinstance(arch, DecoderConfig) else T5
+    model = nnx.eval_shape(lambda: cls(arch, lora=lora, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed)))
+    return model, arch, origin
 
 
 def _tiny_model(name: str, t: Any, *, lora: LoRAConfig | None, dtype: Any, seed: int) -> nnx.Module:

@@ -6,11 +6,13 @@ A projection (`Dense`) stores its kernel [in, out]; with LoRA it adds dropout(x)
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import re
 import zlib
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -193,6 +195,50 @@ def mask_bias(mask: jax.Array) -> jax.Array:
     return jnp.where(mask.astype(bool), 0.0, MASKED).astype(jnp.float32)
 
 
+# --- layer-output magnitudes, for methods that read them (MIGU) -------------------------------
+_OUTPUT_TAPS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("kif_jax_output_taps", default=None)
+
+
+@contextlib.contextmanager
+def capture_output_magnitudes(taps: dict[str, dict[str, jax.Array]]) -> Iterator[None]:
+    """While tracing a loss inside this context, `Dense` layers report how large their outputs are.
+
+    `taps` maps a projection's dotted path to {leaf name: probe}: "kernel" (the projection's output,
+    bias included, before LoRA), "lora_a" (x A, the adapter's r features) and "lora_b" ((x A) B, before
+    the LoRA scale). Each probe is a float32 zero vector over those features; the loss's gradient with
+    respect to it is the sum of |output| over every position of the batch (padding included), not a
+    true gradient (see `magnitude_tap`). The forward values and every other gradient are unchanged.
+    Reading them as gradients works through `jax.checkpoint` (train.remat) and scans alike.
+    """
+    token = _OUTPUT_TAPS.set(taps)
+    try:
+        yield
+    finally:
+        _OUTPUT_TAPS.reset(token)
+
+
+@jax.custom_vjp
+def magnitude_tap(y: jax.Array, probe: jax.Array) -> jax.Array:
+    """Identity on `y` [..., F]; the "gradient" of `probe` [F] is sum |y| over every leading position."""
+    return y
+
+
+def _tap_fwd(y: jax.Array, probe: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return y, jnp.sum(jnp.abs(y.astype(jnp.float32)), axis=tuple(range(y.ndim - 1)))
+
+
+def _tap_bwd(magnitudes: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return g, magnitudes
+
+
+magnitude_tap.defvjp(_tap_fwd, _tap_bwd)
+
+
+def _tap(y: jax.Array, taps: dict | None, name: str) -> jax.Array:
+    probe = None if taps is None else taps.get(name)
+    return y if probe is None else magnitude_tap(y, probe)
+
+
 class Dense(nnx.Module):
     """Projection x @ kernel ([in, out]) (+ bias); with LoRA, + dropout(x) @ lora_a @ lora_b * scale."""
 
@@ -218,12 +264,15 @@ class Dense(nnx.Module):
             self.lora_dropout = float(lora.dropout)
 
     def __call__(self, x: jax.Array, *, deterministic: bool = True, rngs: RngsLike = None) -> jax.Array:
+        taps = (_OUTPUT_TAPS.get() or {}).get(self.path)  # a trace-time lookup: None outside the capture
         y = jnp.dot(x, self.kernel[...].astype(self.dtype))
         if self.use_bias:
             y = y + self.bias[...].astype(self.dtype)
+        y = _tap(y, taps, "kernel")
         if self.has_lora:
             h = dropout(x, self.lora_dropout, deterministic, rngs)
-            h = jnp.dot(jnp.dot(h, self.lora_a[...].astype(self.dtype)), self.lora_b[...].astype(self.dtype))
+            h = _tap(jnp.dot(h, self.lora_a[...].astype(self.dtype)), taps, "lora_a")
+            h = _tap(jnp.dot(h, self.lora_b[...].astype(self.dtype)), taps, "lora_b")
             y = y + h * jnp.asarray(self.lora_scale, self.dtype)
         return y
 

@@ -1,4 +1,5 @@
-"""What a run writes besides checkpoints: JSON-lines metrics, results.json, heatmaps, the comparison table."""
+"""The files a run writes besides checkpoints: JSON-lines records (metrics.jsonl, predictions.jsonl), results.json
+(atomically) and the accuracy-matrix heatmap."""
 from __future__ import annotations
 
 import json

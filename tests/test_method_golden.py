@@ -1,0 +1,44 @@
+"""Every method's numbers on the tiny config are those the code before the methods package gave (commit
+5a3571e), bit for bit: accuracy matrices, every metrics.jsonl record (losses, gradient norms, learning
+rates, mask shares, fusion statistics, the task-end events) and every prediction.
+
+tests/fixtures/method_golden.json was written by `tools/make_method_golden.py` with that code, under the
+suite's XLA settings (tests/conftest.py). Methods added since are recorded with the current code.
+XLA:CPU's float results follow the CPU's vector instruction sets and the jax version, so the comparison
+runs where those are the fixture's (its "environment") and is skipped, naming both, elsewhere.
+"""
+import json
+import pathlib
+
+import pytest
+
+import tiny_config
+from helpers import comparable_records, float_environment, read_metrics
+from kif_jax.train import train_and_evaluate
+
+FIXTURE = json.loads((pathlib.Path(__file__).parent / "fixtures" / "method_golden.json").read_text())
+GOLDEN = FIXTURE["methods"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    here = float_environment()
+    if here != FIXTURE["environment"]:
+        pytest.skip(f"the golden numbers were recorded with {FIXTURE['environment']}; this is {here}, whose float "
+                    "arithmetic may differ")
+    config = tiny_config.get_config()
+    config.methods = ",".join(GOLDEN)
+    workdir = tmp_path_factory.mktemp("golden")
+    return workdir, train_and_evaluate(config, workdir)
+
+
+@pytest.mark.parametrize("method", list(GOLDEN))
+def test_method_reproduces_its_recorded_results(run, method):
+    workdir, results = run
+    want = GOLDEN[method]
+    assert results[method]["accuracy_matrix"] == want["accuracy_matrix"]
+    got = comparable_records(workdir / method / "metrics.jsonl")
+    assert len(got) == len(want["records"])
+    for g, w in zip(got, want["records"]):
+        assert g == w, (method, g, w)
+    assert read_metrics(workdir / method / "predictions.jsonl") == want["predictions"]

@@ -1,0 +1,76 @@
+"""The methods package: one registry that the config, its messages, the report and the memory plan read; a
+training loop that names no method; checkpoints of the earlier state layout refused in one line."""
+import json
+import pathlib
+import re
+
+import pytest
+
+import tiny_config
+from kif_jax import cli
+from kif_jax.checkpointing import STATE_LAYOUT
+from kif_jax.config import base_config, field_docs, validate_config
+from kif_jax.errors import ConfigError
+from kif_jax.methods import builtin_names, method_class, sections
+from kif_jax.report.runs import _method_order
+from kif_jax.train import ResumePosition, train_and_evaluate
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+BUILTIN = ("recurrent_kif", "static_importance", "no_identification", "global_merge", "no_share", "adaptive",
+           "seq_lora", "replay", "mtl", "o_lora", "tasl", "ewc", "migu")
+
+
+def test_one_registry_lists_every_method_and_section():
+    assert builtin_names() == BUILTIN
+    assert list(sections()) == ["kif", "o_lora", "tasl", "ewc", "migu"]
+    config = base_config()
+    for section, cls in sections().items():  # each method module owns its section's defaults and docs
+        assert config[section].to_dict() == cls.default_config().to_dict()
+    docs = field_docs()
+    assert docs["kif.inner_steps"] == "Q: inner optimizer steps per fusion cycle"
+    assert docs["migu.threshold"].startswith("A feature keeps its gradient when its output magnitude")
+    assert all(method_class(name).name == name for name in BUILTIN)
+    # The report orders method directories by the registry.
+    assert sorted(["migu", "seq_lora", "zzz_own", "recurrent_kif"], key=_method_order) == [
+        "recurrent_kif", "seq_lora", "migu", "zzz_own"]
+
+
+def test_validation_messages_read_the_registry():
+    config = tiny_config.get_config()
+    config.methods = "seq_lora,nope"
+    with pytest.raises(ConfigError) as err:
+        validate_config(config)
+    assert str(err.value).startswith("unknown method 'nope' in config field 'methods'; known: " + ", ".join(BUILTIN))
+    config.methods = "migu,seq_lora,migu"
+    with pytest.raises(ConfigError, match="names a method twice"):
+        validate_config(config)
+    config.methods = "seq_lora"
+    config.kif.scope = "nowhere"  # a section is checked whichever methods run
+    with pytest.raises(ConfigError, match="config field 'kif.scope' is 'nowhere'; expected one of global"):
+        validate_config(config)
+
+
+def test_the_training_loop_names_no_method():
+    names = set(BUILTIN) | set(sections()) | {"SeqLoRA", "Recurrent-KIF", "O-LoRA", "TaSL", "EWC", "MIGU"}
+    for path in sorted((REPO / "kif_jax" / "train").glob("*.py")):
+        text = path.read_text()
+        found = [n for n in names if re.search(rf"(?<![\w.]){re.escape(n)}(?![\w])", text, re.I)]
+        assert not found, (path.name, found)
+
+
+def test_a_checkpoint_of_the_earlier_state_layout_is_refused_in_one_line(tmp_path, capsys):
+    config = tiny_config.get_config()
+    config.methods = "seq_lora"
+    train_and_evaluate(config, tmp_path)
+    checkpoints = tmp_path / "seq_lora" / "checkpoints"
+    for step in (ResumePosition(1).checkpoint_id, ResumePosition(2).checkpoint_id):
+        metadata = checkpoints / str(step) / "meta" / "metadata"
+        meta = json.loads(metadata.read_text())
+        assert meta.pop("state_layout") == STATE_LAYOUT
+        metadata.write_text(json.dumps(meta))  # as an earlier kif_jax wrote it
+    capsys.readouterr()  # the first run's progress lines
+    assert cli.run(config, str(tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: checkpoint {checkpoints}/{ResumePosition(2).checkpoint_id} "
+                                               "holds a training state of layout 1, written by an earlier kif_jax")
+    assert f"delete {checkpoints}" in err[0]
