@@ -21,7 +21,8 @@ Output: `WORKDIR/report/paired_comparison.json`, a list of rows
 `{"method", "baseline", "metric", "estimate", "ci_low", "ci_high", "resamples"}`, then one row per
 method and task `{"method", "baseline", "metric": "mcnemar", "task", "estimate" (final-accuracy
 difference), "method_only", "baseline_only", "p_value"}`; and the same as a markdown table in
-`paired_comparison.md`. A joint method (MTL: one phase on every task) has a final row only, so only
+`paired_comparison.md`. Comparisons with other baselines already in the file are kept (grouped by
+baseline name), so `--baseline replay` after the default adds to it. A joint method (MTL: one phase on every task) has a final row only, so only
 its `op` is compared.
 """
 from __future__ import annotations
@@ -234,13 +235,28 @@ def write_comparison(workdir: str | pathlib.Path, *, baseline: str | None = None
     """Compare every finished method of `workdir` with `baseline`; write report/paired_comparison.{json,md}."""
     workdir = pathlib.Path(workdir)
     methods = load_workdir(workdir)
-    rows = compare(methods, baseline or default_baseline(methods), resamples=resamples, seed=seed)
+    baseline = baseline or default_baseline(methods)
+    rows = compare(methods, baseline, resamples=resamples, seed=seed)
     outdir = workdir / REPORT_DIR
     outdir.mkdir(parents=True, exist_ok=True)
     path = outdir / "paired_comparison.json"
-    path.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
-    (outdir / "paired_comparison.md").write_text(markdown(rows) + "\n", encoding="utf-8")
+    # Comparisons with other baselines stay (a run is compared with SeqLoRA and with Replay), grouped by
+    # baseline name, so the file's bytes do not depend on the order the commands ran in.
+    kept = [r for r in _previous_rows(path) if r.get("baseline") != baseline]
+    every = sorted(kept + rows, key=lambda r: r["baseline"])  # stable: each group keeps its own order
+    path.write_text(json.dumps(every, indent=1) + "\n", encoding="utf-8")
+    groups = [[r for r in every if r["baseline"] == b] for b in dict.fromkeys(r["baseline"] for r in every)]
+    (outdir / "paired_comparison.md").write_text("\n\n".join(markdown(g) for g in groups) + "\n", encoding="utf-8")
     return path, rows
+
+
+def _previous_rows(path: pathlib.Path) -> list[dict]:
+    """The rows an earlier comparison wrote to `path` (none if it is missing or unreadable)."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [r for r in rows if isinstance(r, dict) and "baseline" in r] if isinstance(rows, list) else []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

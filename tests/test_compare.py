@@ -85,6 +85,25 @@ def test_rerun_writes_the_same_bytes_and_the_seed_matters(tmp_path):
     assert compare.write_comparison(tmp_path, resamples=300, seed=2)[0].read_bytes() != first
 
 
+def test_a_second_baseline_adds_to_the_file_in_any_order(tmp_path):
+    rng = np.random.default_rng(1)
+    for name in ("seq_lora", "replay", "recurrent_kif"):
+        write_method(tmp_path, name, {k: (rng.random(30) < 0.6).tolist() for k in BASE})
+    compare.write_comparison(tmp_path, resamples=100)
+    path, replay_rows = compare.write_comparison(tmp_path, baseline="replay", resamples=100)
+    both = json.loads(path.read_text())
+    assert {r["baseline"] for r in both} == {"seq_lora", "replay"}
+    assert [r for r in both if r["baseline"] == "replay"] == replay_rows
+    assert "| recurrent_kif | replay | op |" in (tmp_path / "report" / "paired_comparison.md").read_text()
+    first = path.read_bytes()
+    path.unlink()
+    compare.write_comparison(tmp_path, baseline="replay", resamples=100)
+    compare.write_comparison(tmp_path, resamples=100)
+    assert path.read_bytes() == first  # the same bytes, whichever baseline ran first
+    compare.write_comparison(tmp_path, baseline="replay", resamples=100)  # a rerun replaces its own rows
+    assert path.read_bytes() == first
+
+
 def test_matrix_from_predictions_equals_results(tmp_path):
     write_method(tmp_path, "seq_lora", as_bool(BASE))
     write_method(tmp_path, "mtl", as_bool({(0, 0): [1, 1, 0, 0], (0, 1): [1, 1, 1, 0]}), joint=True)
