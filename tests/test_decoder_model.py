@@ -14,11 +14,14 @@ from flax import nnx
 from kif_jax.errors import ConfigError, ModelLoadError
 from kif_jax.models import LoRAConfig, LoRAParam, from_pretrained, lora_modules
 from kif_jax.models import decoder_hf
-from kif_jax.models.decoder import PRESETS, TINY_PRESETS, DecoderConfig, DecoderLM, hub_id, merge_lora, rope_inv_freq
+from kif_jax.models.decoder import (PRESET_CONFIGS, PRESETS, TINY_PRESETS, DecoderConfig, DecoderLM, hub_id, merge_lora,
+                                    rope_inv_freq)
 from kif_jax.models.decoder_generate import forward_lm, greedy_decode_lm, pad_left, score_options_lm
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 VARIANTS = ("llama", "llama3", "mistral", "qwen2", "qwen3")
+# Rows longer than the sliding window: Mistral (window 4 on every layer) and Gemma 3 (sliding, full, sliding).
+WINDOW_VARIANTS = ("mistral_window", "gemma3")
 QV = LoRAConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "v_proj"))
 
 
@@ -29,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("fp32_matmuls")  # exact float32 matmuls (t
 def models():
     """variant -> (model, golden); loaded once for the module."""
     return {v: (decoder_hf.load_decoder(str(FIXTURES / f"decoder_{v}")),
-                dict(np.load(FIXTURES / f"decoder_{v}.npz"))) for v in VARIANTS}
+                dict(np.load(FIXTURES / f"decoder_{v}.npz"))) for v in VARIANTS + WINDOW_VARIANTS}
 
 
 def real_diff(got: np.ndarray, g: dict) -> float:
@@ -121,6 +124,50 @@ def test_from_hf_errors_are_one_line():
         DecoderConfig.from_hf({"model_type": "llama", "num_hidden_layers": "two"})
 
 
+def test_gemma3_and_window_fixtures_are_read_as_intended(models):
+    gemma, g = models["gemma3"]
+    cfg = gemma.config
+    assert cfg.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
+    assert (cfg.sliding_window, cfg.head_dim, cfg.hidden_size // cfg.num_attention_heads) == (4, 16, 8)
+    assert (cfg.query_pre_attn_scalar, cfg.final_logit_softcapping, cfg.attn_logit_softcapping) == (12.0, 10.0, None)
+    assert (cfg.rope_theta, cfg.rope_local_base_freq, dict(cfg.rope_scaling)) == (
+        1e6, 1e4, {"rope_type": "linear", "factor": 2.0})
+    assert cfg.hidden_act == "gelu_pytorch_tanh" and cfg.qk_norm and cfg.tie_word_embeddings
+    assert cfg.eos_token_ids == (2, 3)
+    layer = gemma.model.layers[0]
+    assert layer.pre_feedforward_layernorm.unit_offset and layer.self_attn.q_norm.unit_offset
+    assert g["attention_mask"].sum(1).max() > cfg.sliding_window  # the window binds in the fixture
+    mistral = models["mistral_window"][0].config
+    assert mistral.layer_types == ("sliding_attention",) * 2 and mistral.sliding_window == 4
+    for kind in ("full_attention", "sliding_attention"):
+        np.testing.assert_allclose(rope_inv_freq(cfg, kind), g[f"inv_freq_{kind}"], rtol=1e-6, err_msg=kind)
+    assert DecoderConfig.from_hf(cfg.to_hf()) == cfg
+    # The hub's legacy spelling of the same config reads the same.
+    legacy = {k: v for k, v in json.loads((FIXTURES / "decoder_gemma3" / "config.json").read_text()).items()
+              if k not in ("rope_parameters", "layer_types")}
+    legacy.update(rope_theta=1e6, rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 2.0},
+                  num_hidden_layers=3, sliding_window_pattern=2)
+    assert DecoderConfig.from_hf(legacy) == cfg
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(layer_types=("full_attention",)), "one type per layer"),
+    (dict(layer_types=("full_attention", "local")), "local"),
+    (dict(layer_types=("full_attention", "sliding_attention")), "sliding_window is None"),
+    (dict(query_pre_attn_scalar=0), "query_pre_attn_scalar"),
+    (dict(final_logit_softcapping="x"), "final_logit_softcapping"),
+])
+def test_layer_type_and_gemma_fields_are_validated(fields, match):
+    base = dict(model_type="gemma3_text", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4)
+    with pytest.raises(ConfigError, match=match):
+        DecoderConfig(**{**base, **fields})
+    with pytest.raises(ConfigError, match="use_bidirectional_attention"):
+        DecoderConfig.from_hf({"model_type": "gemma3_text", "use_bidirectional_attention": True})
+    with pytest.raises(ConfigError, match="supported: llama, mistral, qwen2, qwen3, gemma3_text"):
+        DecoderConfig.from_hf({"model_type": "gemma2"})
+
+
 def test_presets():
     assert PRESETS["llama-2-7b"] == "meta-llama/Llama-2-7b-hf"
     assert PRESETS["llama-2-13b-chat"] == "meta-llama/Llama-2-13b-chat-hf"
@@ -132,6 +179,16 @@ def test_presets():
     assert (tiny.vocab_size, tiny.pad_token_id, tiny.eos_token_id, tiny.hidden_size, tiny.num_hidden_layers,
             tiny.num_attention_heads, tiny.num_key_value_heads, tiny.intermediate_size) == (259, 0, 1, 64, 2, 4, 2, 128)
     assert hub_id("tiny-llama-byte") is None
+    assert PRESETS["gemma-3-270m-it"] == "google/gemma-3-270m-it" and PRESETS["gemma-3-1b"] == "google/gemma-3-1b-pt"
+    for name, (hidden, ff, layers) in {"gemma-3-270m": (640, 2048, 18), "gemma-3-1b": (1152, 6912, 26)}.items():
+        for cfg in (PRESET_CONFIGS[name], PRESET_CONFIGS[f"{name}-it"]):
+            assert (cfg.model_type, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (
+                "gemma3_text", hidden, ff, layers)
+            assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.query_pre_attn_scalar,
+                    cfg.sliding_window, cfg.vocab_size) == (4, 1, 256, 256, 512, 262144)
+            assert cfg.layer_types[:6] == ("sliding_attention",) * 5 + ("full_attention",)
+            assert (cfg.rope_theta, cfg.rope_local_base_freq, cfg.final_logit_softcapping) == (1e6, 1e4, None)
+        assert PRESET_CONFIGS[f"{name}-it"].eos_token_ids == (1, 106)
     with pytest.raises(ConfigError, match="unknown decoder preset"):
         hub_id("llama-9")
 
@@ -141,7 +198,7 @@ def test_presets():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS + WINDOW_VARIANTS)
 def test_logits_and_greedy_match_pytorch(models, variant):
     model, g = models[variant]
     got = np.asarray(forward_lm(model, g["input_ids"], g["attention_mask"]))
@@ -183,19 +240,41 @@ def test_kv_cache_prefill_and_steps_equal_the_full_forward(models):
         h1, cache = model.extend(nxt[:, :1], None, cache)
         h2, _ = model.extend(nxt[:, 1:], None, cache)
         full = model(jnp.concatenate([ids, nxt], 1), jnp.concatenate([mask, jnp.ones_like(nxt)], 1))
-        return model.head(h1)[:, 0], model.head(h2)[:, 0], full
+        return model.logits(h1)[:, 0], model.logits(h2)[:, 0], full
 
     step1, step2, full = run(model)
     assert np.abs(step1 - full[:, -2]).max() <= 1e-5
     assert np.abs(step2 - full[:, -1]).max() <= 1e-5
 
 
-def test_mistral_refuses_sequences_over_its_sliding_window(models):
-    model, g = models["mistral"]
-    with pytest.raises(ConfigError, match="sliding_window"):
-        model(jnp.ones((1, 33), jnp.int32))
-    with pytest.raises(ConfigError, match="sliding_window"):
-        greedy_decode_lm(model, g["input_ids"], g["attention_mask"], max_new_tokens=23)  # 10 + 23 > 32
+@pytest.mark.parametrize("variant", WINDOW_VARIANTS)
+def test_sliding_window_binds_and_the_cache_honours_it(models, variant):
+    model, g = models[variant]
+    ids, mask = g["input_ids"], g["attention_mask"]
+    real = mask.astype(bool)
+    # Without the window the same weights give other logits: the parity above depends on the window.
+    unwindowed = dataclasses.replace(model.config, sliding_window=None, layer_types=None)
+    wide = nnx.merge(nnx.graphdef(DecoderLM(unwindowed, rngs=nnx.Rngs(0))), nnx.state(model))
+    assert np.abs(np.asarray(forward_lm(wide, ids, mask)) - g["logits"])[real].max() > 1e-2
+    # Prefill, then steps far past the window, equal the full forward pass; a row alone equals it padded.
+    nxt = jnp.asarray([[5, 7, 9, 11, 13, 15]] * 3)
+
+    @nnx.jit
+    def run(model):
+        cache = model.init_cache(3, ids.shape[1] + nxt.shape[1])
+        _, cache = model.extend(ids, mask, cache)
+        steps = []
+        for j in range(nxt.shape[1]):
+            h, cache = model.extend(nxt[:, j:j + 1], None, cache)
+            steps.append(model.logits(h)[:, 0])
+        full = model(jnp.concatenate([ids, nxt], 1), jnp.concatenate([mask, jnp.ones_like(nxt)], 1))
+        return jnp.stack(steps, 1), full[:, ids.shape[1]:]
+
+    steps, full = run(model)
+    assert np.abs(np.asarray(steps) - np.asarray(full)).max() <= 1e-5
+    n = int(mask[2].sum())
+    alone = np.asarray(forward_lm(model, ids[2:, -n:], None))[0]
+    assert np.abs(alone - g["logits"][2, -n:]).max() <= 1e-4
 
 
 def test_score_options_equals_the_concatenated_forward(models):
@@ -396,3 +475,52 @@ def test_save_pretrained_round_trip(models, tmp_path):
     decoder_hf.save_pretrained(tied, str(tmp_path / "tied"))
     assert "lm_head.weight" not in decoder_hf.to_hf_state_dict(tied)
     assert decoder_hf.load_decoder(str(tmp_path / "tied")).config == tied.config
+
+
+def test_gemma3_save_pretrained_round_trip_with_lora_by_hf_names(models, tmp_path):
+    _, g = models["gemma3"]
+    every = LoRAConfig(rank=2, alpha=4.0, dropout=0.0,
+                       targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    model = decoder_hf.load_decoder(str(FIXTURES / "decoder_gemma3"), lora=every, seed=2)
+    assert len(lora_modules(model)) == 3 * 7
+    rng = np.random.default_rng(4)
+    for _, m in nnx.iter_graph(model):
+        if getattr(m, "has_lora", False):
+            m.lora_b[...] = jnp.asarray(rng.normal(0.0, 0.2, m.lora_b[...].shape), jnp.float32)
+    decoder_hf.save_pretrained(model, str(tmp_path / "out"))
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["architectures"] == ["Gemma3ForCausalLM"] and written["query_pre_attn_scalar"] == 12
+    assert "model.layers.0.pre_feedforward_layernorm.weight" in decoder_hf.to_hf_state_dict(model)
+    back = decoder_hf.load_decoder(str(tmp_path / "out"))
+    assert back.config == model.config
+    ids, mask = g["input_ids"], g["attention_mask"]
+    got, want = np.asarray(forward_lm(back, ids, mask)), np.asarray(forward_lm(model, ids, mask))
+    assert np.abs(got - want)[mask.astype(bool)].max() <= 1e-4
+    assert np.abs(got - g["logits"])[mask.astype(bool)].max() > 1e-2  # the adapters changed the model
+
+
+def test_gemma3_chunked_loss_and_its_gradient_equal_the_full_logits(models):
+    """The loss's fast path runs the model's soft-capped tied head chunk by chunk: same value, same gradient."""
+    from kif_jax.data import IGNORE_INDEX
+    from kif_jax.models.family import CausalFamily, _masked_mean_nll
+
+    model, g = models["gemma3"]
+    labels = np.where(g["attention_mask"].astype(bool), g["input_ids"], IGNORE_INDEX)
+    labels[:, :6] = IGNORE_INDEX  # a prompt outside the loss
+    batch = {"input_ids": jnp.asarray(g["input_ids"]), "attention_mask": jnp.asarray(g["attention_mask"]),
+             "labels": jnp.asarray(labels)}
+    graphdef, state = nnx.split(model)
+
+    def fast(state):
+        return CausalFamily().token_loss(nnx.merge(graphdef, state), batch, key=None)[0]
+
+    def full(state):
+        m = nnx.merge(graphdef, state)
+        return _masked_mean_nll(m(batch["input_ids"], batch["attention_mask"])[:, :-1], batch["labels"][:, 1:])[0]
+
+    (a, ga), (b, gb) = jax.value_and_grad(fast)(state), jax.value_and_grad(full)(state)
+    assert abs(float(a) - float(b)) <= 1e-5
+    for (path, x), (_, y) in zip(nnx.to_flat_state(ga), nnx.to_flat_state(gb)):
+        np.testing.assert_allclose(np.asarray(x[...]), np.asarray(y[...]), atol=2e-6, err_msg=str(path))
+    emb = dict(nnx.to_flat_state(ga))[("model", "embed_tokens", "embedding")][...]
+    assert np.abs(np.asarray(emb)).max() > 1e-3  # the tied head's gradient flows through the soft-cap

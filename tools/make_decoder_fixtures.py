@@ -2,7 +2,7 @@
 
 Needs torch and transformers (used here only, never by kif_jax):
 
-    python tools/make_decoder_fixtures.py
+    python tools/make_decoder_fixtures.py [--only VARIANT ...]
 
 Each checkpoint is written by Hugging Face's own `save_pretrained` (safetensors):
   decoder_llama/        GQA (4 heads, 2 kv heads), untied head, rope_theta 5e5, EOS made likely
@@ -12,6 +12,11 @@ Each checkpoint is written by Hugging Face's own `save_pretrained` (safetensors)
   decoder_qwen2/        q/k/v biases, tied embeddings
   decoder_qwen3/        per-head q/k RMSNorm, head_dim 16 != hidden 32 / 4 heads
   decoder_llama_bf16/   the llama weights in bfloat16, sharded into two files with an index
+  decoder_mistral_window/  sliding_window 4, rows of 12 real tokens: every layer's window binds, in the
+                        forward pass and while decoding
+  decoder_gemma3/       Gemma 3 text: sliding, full, sliding layers (window 4, RoPE bases 1e4 / 1e6 with
+                        linear scaling on the full layer), head_dim 16 != hidden 32 / 4 heads,
+                        query_pre_attn_scalar 12, final logit soft-cap 10, tied head, two stop ids
   decoder_<variant>.npz a left-padded batch of 3 rows, its mask, float32 logits, torch's greedy tokens
                         (with the smallest top-2 logit gap on that path) and RoPE's inv_freq
 """
@@ -23,7 +28,8 @@ import shutil
 
 import numpy as np
 import torch
-from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config,
+                          Qwen3Config)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MAX_NEW_TOKENS = 6
@@ -47,7 +53,19 @@ VARIANTS = {
                                 num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True)),
     "qwen3": (Qwen3Config, dict(vocab_size=144, hidden_size=32, intermediate_size=48, num_attention_heads=4,
                                 num_key_value_heads=2, head_dim=16, rope_theta=1e6, tie_word_embeddings=False)),
+    "mistral_window": (MistralConfig, dict(vocab_size=160, hidden_size=32, intermediate_size=64,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                           rope_theta=1e4, tie_word_embeddings=False)),
+    "gemma3": (Gemma3TextConfig, dict(
+        vocab_size=180, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=12, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=1e4),
+                         "full_attention": dict(rope_type="linear", rope_theta=1e6, factor=2.0)},
+        final_logit_softcapping=10.0, tie_word_embeddings=True, eos_token_id=[2, 3])),
 }
+# Rows longer than the sliding windows for the variants that test them.
+LENGTHS_OF = {"mistral_window": (12, 9, 5), "gemma3": (12, 9, 5)}
 
 
 def build(variant: str, seed: int) -> torch.nn.Module:
@@ -58,7 +76,9 @@ def build(variant: str, seed: int) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name == "model.norm.weight":  # a larger logit scale: clear margins on the greedy path
+            if variant == "gemma3" and name.endswith("norm.weight"):  # Gemma scales by 1 + w
+                p.copy_((2.0 if name == "model.norm.weight" else 0.2) * torch.randn_like(p))
+            elif name == "model.norm.weight":  # a larger logit scale: clear margins on the greedy path
                 p.copy_(3.0 * (1.0 + 0.2 * torch.randn_like(p)))
             elif name.endswith("norm.weight") or "layernorm" in name:
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
@@ -73,12 +93,12 @@ def build(variant: str, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def inputs(vocab: int, seed: int) -> dict[str, np.ndarray]:
+def inputs(vocab: int, seed: int, lengths: tuple[int, ...] = LENGTHS) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    s = LENGTHS[0]
-    ids = np.zeros((len(LENGTHS), s), np.int64)
-    mask = np.zeros((len(LENGTHS), s), np.int64)
-    for r, n in enumerate(LENGTHS):
+    s = lengths[0]
+    ids = np.zeros((len(lengths), s), np.int64)
+    mask = np.zeros((len(lengths), s), np.int64)
+    for r, n in enumerate(lengths):
         ids[r, s - n:] = rng.integers(4, vocab, n)
         mask[r, s - n:] = 1
     return dict(input_ids=ids, attention_mask=mask)
@@ -105,22 +125,30 @@ def golden(model: torch.nn.Module, x: dict[str, np.ndarray]) -> dict[str, np.nda
         if (~done).any():
             margins.append(gap[~done].min().item())
         done |= torch.isin(tok, torch.tensor(eos))
-    return dict(logits=logits.numpy(), greedy=greedy, greedy_min_margin=np.float32(min(margins)),
-                inv_freq=model.model.rotary_emb.inv_freq.float().numpy())
+    rotary = model.model.rotary_emb
+    if hasattr(rotary, "inv_freq"):
+        freqs = dict(inv_freq=rotary.inv_freq.float().numpy())
+    else:  # one table per layer type (Gemma 3)
+        freqs = {f"inv_freq_{kind}": getattr(rotary, f"{kind}_inv_freq").float().numpy()
+                 for kind in ("full_attention", "sliding_attention")}
+    return dict(logits=logits.numpy(), greedy=greedy, greedy_min_margin=np.float32(min(margins)), **freqs)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "tests" / "fixtures"))
+    parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="write these variants only")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for seed, variant in enumerate(VARIANTS):
+        if args.only and variant not in args.only:
+            continue
         model = build(variant, seed)
         directory = out / f"decoder_{variant}"
         shutil.rmtree(directory, ignore_errors=True)
         model.save_pretrained(directory)
-        x = inputs(model.config.vocab_size, 100 + seed)
+        x = inputs(model.config.vocab_size, 100 + seed, LENGTHS_OF.get(variant, LENGTHS))
         g = golden(model, x)
         print(f"{variant}: greedy {g['greedy'].tolist()} min margin {g['greedy_min_margin']:.4f}")
         assert g["greedy_min_margin"] > 1e-3, "near-tie on the greedy path: pick another seed"

@@ -1,9 +1,13 @@
-"""Decoder-only causal LMs (LLaMA-2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2) in Flax NNX, with LoRA.
+"""Decoder-only causal LMs (LLaMA-2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2, Gemma 3) in Flax NNX, with LoRA.
 
 Module paths mirror Hugging Face's `*ForCausalLM` names (`model.layers.0.self_attn.q_proj`, ...), so
 checkpoint names and PEFT keys map one to one (see `decoder_hf.py`); kernels are stored [in, out].
 Positions come from the attention mask (the first real token is position 0), so a left-padded row
-gives the logits of the same row unpadded. Every random choice of a call (dropout) comes from the
+gives the logits of the same row unpadded. What each `model_type` switches on (q/k norms, Gemma's
+norms and embedding scale, per-layer sliding windows) comes from `architectures.ARCHITECTURES`; a
+sliding layer's query at position i sees keys at positions i - window < j <= i, transformers' rule
+(`masking_utils.sliding_window_overlay`) written over positions, which equals its index rule for
+left-padded rows. Every random choice of a call (dropout) comes from the
 call's `rngs`, so a model splits into (graphdef, LoRA state, frozen state) only.
 """
 from __future__ import annotations
@@ -19,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from kif_jax.errors import ConfigError
+from kif_jax.models.architectures import ATTENTION_TYPES, architecture, decoder_features
 from kif_jax.models.layers import (
     Dense,
     Embed,
@@ -37,9 +42,11 @@ from kif_jax.models.layers import (
     softmax_parts,
 )
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM"}
+ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh")
+#: transformers' default `max_window_layers` of Qwen2/Qwen3 (layers from it on slide when a window is used).
+QWEN_MAX_WINDOW_LAYERS = 28
+#: transformers' default Gemma 3 pattern: every sixth layer attends to everything, the others slide.
+GEMMA3_SLIDING_PATTERN = 6
 _ROPE_TYPES = ("default", "linear", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -72,7 +79,10 @@ class DecoderConfig:
     """Hyper-parameters under Hugging Face's field names; `None` fields are resolved at construction.
 
     `head_dim=None` -> hidden_size / heads; `num_key_value_heads=None` -> heads; `attention_bias=None`
-    -> True for qwen2 (q/k/v biases) else False; `qk_norm=None` -> True for qwen3; `pad_token_id=None`
+    and `qk_norm=None` -> the architecture's default; `hidden_act=None` -> its activation;
+    `layer_types=None` -> its pattern of "full_attention" / "sliding_attention" layers (sliding layers
+    only when `sliding_window` is set); `query_pre_attn_scalar=None` -> head_dim (scores times its
+    -1/2 power); `rope_local_base_freq` is the RoPE base of sliding layers (Gemma 3); `pad_token_id=None`
     -> eos; `eos_token_ids` holds every stop id (the first is `eos_token_id`). `rope_scaling` is stored
     as sorted (key, value) items so the config stays hashable; `rope_freq_factors` (GGUF's
     `rope_freqs`) divides the base inverse frequencies and takes precedence over `rope_scaling`.
@@ -95,11 +105,16 @@ class DecoderConfig:
     attention_bias: bool | None = None
     qk_norm: bool | None = None
     sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    rope_local_base_freq: float | None = None
+    query_pre_attn_scalar: float | None = None
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
     bos_token_id: int | None = 1
     eos_token_id: int = 2
     eos_token_ids: tuple[int, ...] | None = None
     pad_token_id: int | None = None
-    hidden_act: str = "silu"
+    hidden_act: str | None = None
     attention_dropout: float = 0.0
     initializer_range: float = 0.02
 
@@ -113,9 +128,8 @@ class DecoderConfig:
                 raise ConfigError(f"DecoderConfig.{name} must be a positive integer, got {value!r}")
             put(name, int(value))
 
-        if self.model_type not in MODEL_TYPES:
-            raise ConfigError(f"DecoderConfig.model_type must be one of {', '.join(MODEL_TYPES)}, "
-                              f"got {self.model_type!r}")
+        features = decoder_features(architecture(self.model_type, family="decoder",
+                                                 where="DecoderConfig.model_type").model_type)
         if self.num_key_value_heads is None:
             put("num_key_value_heads", self.num_attention_heads)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -133,9 +147,9 @@ class DecoderConfig:
             raise ConfigError(f"DecoderConfig.num_key_value_heads={self.num_key_value_heads} must divide "
                               f"num_attention_heads={self.num_attention_heads}")
         if self.attention_bias is None:
-            put("attention_bias", self.model_type == "qwen2")
+            put("attention_bias", features.qkv_bias_default)
         if self.qk_norm is None:
-            put("qk_norm", self.model_type == "qwen3")
+            put("qk_norm", features.qk_norm)
         for name in ("tie_word_embeddings", "attention_bias", "qk_norm"):
             put(name, bool(getattr(self, name)))
         for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
@@ -149,10 +163,30 @@ class DecoderConfig:
         if not 0.0 <= float(self.attention_dropout) < 1.0:
             raise ConfigError(f"DecoderConfig.attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
         put("attention_dropout", float(self.attention_dropout))
-        if self.hidden_act not in ("silu", "swish"):
-            raise ConfigError(f"DecoderConfig.hidden_act must be 'silu', got {self.hidden_act!r}")
+        if self.hidden_act is None:
+            put("hidden_act", features.hidden_act)
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"DecoderConfig.hidden_act must be one of {', '.join(ACTIVATIONS)}, "
+                              f"got {self.hidden_act!r}")
         if self.sliding_window is not None:
             positive_int("sliding_window")
+        put("layer_types", self._resolve_layer_types(features.layer_types))
+        if self.query_pre_attn_scalar is None:
+            put("query_pre_attn_scalar", self.head_dim)
+        if self.rope_local_base_freq is None and features.rope_local_base:
+            put("rope_local_base_freq", 10000.0)
+        for name in ("query_pre_attn_scalar", "rope_local_base_freq", "final_logit_softcapping",
+                     "attn_logit_softcapping"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"DecoderConfig.{name} must be a number or None, got {value!r}") from None
+            if not value > 0.0:
+                raise ConfigError(f"DecoderConfig.{name} must be > 0, got {value!r}")
+            put(name, value)
         put("rope_scaling", _rope_items(self.rope_scaling, "rope_scaling"))
         if self.rope_scaling is not None:
             scaling = dict(self.rope_scaling)
@@ -194,43 +228,103 @@ class DecoderConfig:
                 raise ConfigError(f"DecoderConfig.eos_token_ids holds {value}, outside the vocabulary "
                                   f"[0, {self.vocab_size})")
 
+    def _resolve_layer_types(self, default: str) -> tuple[str, ...]:
+        """Each layer's attention type: the given list checked, or the architecture's default pattern."""
+        n, window = self.num_hidden_layers, self.sliding_window
+        if self.layer_types is None:
+            if window is None or default == "none":
+                return ("full_attention",) * n
+            if default == "all":
+                return ("sliding_attention",) * n
+            if default == "qwen":
+                return tuple("sliding_attention" if i >= QWEN_MAX_WINDOW_LAYERS else "full_attention"
+                             for i in range(n))
+            return tuple("sliding_attention" if (i + 1) % GEMMA3_SLIDING_PATTERN else "full_attention"
+                         for i in range(n))
+        if isinstance(self.layer_types, str) or len(self.layer_types) != n:
+            raise ConfigError(f"DecoderConfig.layer_types must list one type per layer ({n}), got {self.layer_types!r}")
+        bad = sorted(set(self.layer_types) - set(ATTENTION_TYPES))
+        if bad:
+            raise ConfigError(f"DecoderConfig.layer_types holds {', '.join(map(repr, bad))}; "
+                              f"known: {', '.join(ATTENTION_TYPES)}")
+        if window is None and "sliding_attention" in self.layer_types:
+            raise ConfigError("DecoderConfig.layer_types has sliding_attention layers but sliding_window is None")
+        return tuple(self.layer_types)
+
+    def attention_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (None: it attends to every earlier position)."""
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+
     @property
     def rope_type(self) -> str:
         return "default" if self.rope_scaling is None else dict(self.rope_scaling)["rope_type"]
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "DecoderConfig":
-        """From a Hugging Face `config.json` dict (hub style and transformers-5 `rope_parameters` alike)."""
+        """From a Hugging Face `config.json` dict (hub style and transformers-5 `rope_parameters` alike).
+
+        Only the fields its architecture lists (`architectures.ARCHITECTURES`) are read.
+        """
         model_type = hf.get("model_type")
-        if model_type not in MODEL_TYPES:
-            raise ConfigError(f"config.json has model_type {model_type!r}, expected one of {', '.join(MODEL_TYPES)}")
+        arch = architecture(model_type, family="decoder", where="config.json has model_type")
         if hf.get("mlp_bias"):
             raise ConfigError("DecoderConfig: mlp_bias=true is not supported")
+        if hf.get("use_bidirectional_attention"):
+            raise ConfigError("DecoderConfig: use_bidirectional_attention=true (an embedding model) is not supported")
         names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in hf.items() if k in names and v is not None}
+        read = set(arch.config_fields)
+        kwargs: dict[str, Any] = {k: v for k, v in hf.items() if k in names and k in read and v is not None}
+        kwargs["model_type"] = model_type
+        if "hidden_activation" in read and hf.get("hidden_activation") is not None:
+            kwargs["hidden_act"] = hf["hidden_activation"]
         if "bos_token_id" in hf:  # an explicit null means no BOS (Qwen's configs)
             kwargs["bos_token_id"] = hf["bos_token_id"]
+        features = arch.features
         rope_theta = hf.get("rope_theta")
         scaling = hf.get("rope_scaling")
         params = hf.get("rope_parameters")
-        if isinstance(params, Mapping):
-            if any(isinstance(v, Mapping) for v in params.values()):
-                raise ConfigError("DecoderConfig: per-layer rope_parameters are not supported")
+        per_type = isinstance(params, Mapping) and any(isinstance(v, Mapping) for v in params.values())
+        if per_type and not features.rope_local_base:
+            raise ConfigError(f"DecoderConfig: per-layer rope_parameters are not supported for {model_type}")
+        if per_type:
+            full = dict(params.get("full_attention") or {})
+            sliding = dict(params.get("sliding_attention") or {})
+            if sliding.get("rope_type", "default") != "default":
+                raise ConfigError("DecoderConfig: rope_parameters.sliding_attention must be the default RoPE, "
+                                  f"got {sliding.get('rope_type')!r}")
+            rope_theta = full.get("rope_theta", rope_theta)
+            scaling = full
+            if sliding.get("rope_theta") is not None:
+                kwargs["rope_local_base_freq"] = sliding["rope_theta"]
+        elif isinstance(params, Mapping):
             rope_theta = params.get("rope_theta", rope_theta)
             scaling = params
-        kwargs["rope_theta"] = 10000.0 if rope_theta is None else rope_theta
+        if rope_theta is None:  # transformers' defaults: Gemma 3's global base is 1e6
+            rope_theta = 1e6 if features.rope_local_base else 10000.0
+        kwargs["rope_theta"] = rope_theta
         scaling = _rope_items(scaling, "rope_scaling")
         if scaling is not None and dict(scaling)["rope_type"] == "llama3" and \
                 "original_max_position_embeddings" not in dict(scaling):
             scaling = tuple(sorted({**dict(scaling), "original_max_position_embeddings":
                                     hf.get("max_position_embeddings", 2048)}.items()))
         kwargs["rope_scaling"] = scaling
-        if model_type in ("qwen2", "qwen3"):
-            kwargs["sliding_window"] = hf.get("sliding_window") if hf.get("use_sliding_window") else None
-        elif model_type == "llama":
-            kwargs.pop("sliding_window", None)
-        if model_type == "mistral":
-            kwargs.pop("attention_bias", None)
+        if features.layer_types == "qwen":
+            window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+            kwargs["sliding_window"] = window
+            if window is None:
+                kwargs.pop("layer_types", None)
+            elif "layer_types" not in kwargs:
+                first = int(hf.get("max_window_layers", QWEN_MAX_WINDOW_LAYERS))
+                kwargs["layer_types"] = tuple("sliding_attention" if i >= first else "full_attention"
+                                              for i in range(int(hf.get("num_hidden_layers", 32))))
+        if features.layer_types == "every6" and "layer_types" not in kwargs:
+            pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", GEMMA3_SLIDING_PATTERN))
+            kwargs["layer_types"] = tuple("sliding_attention" if (i + 1) % int(pattern) else "full_attention"
+                                          for i in range(int(hf.get("num_hidden_layers", 26))))
+        if features.rope_local_base and "query_pre_attn_scalar" not in kwargs:
+            kwargs["query_pre_attn_scalar"] = 256  # transformers' Gemma 3 default
+        if isinstance(kwargs.get("layer_types"), list):
+            kwargs["layer_types"] = tuple(kwargs["layer_types"])
         eos = hf.get("eos_token_id")
         if isinstance(eos, (list, tuple)):
             if not eos:
@@ -250,20 +344,26 @@ class DecoderConfig:
             return cls.from_hf(json.load(f))
 
     def to_hf(self) -> dict[str, Any]:
-        """A `config.json` dict that Hugging Face's `*ForCausalLM` reads back (legacy rope keys)."""
+        """A `config.json` dict that Hugging Face's `*ForCausalLM` reads back (legacy rope keys).
+
+        It holds the fields the architecture reads, so `from_hf(to_hf())` gives this config back.
+        """
+        arch = architecture(self.model_type)
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out.pop("qk_norm")
-        out.pop("eos_token_ids")
         out["eos_token_id"] = list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_id
         out["rope_scaling"] = None if self.rope_scaling is None else dict(self.rope_scaling)
         out["rope_freq_factors"] = None if self.rope_freq_factors is None else list(self.rope_freq_factors)
-        if self.model_type in ("qwen2", "qwen3"):
+        out["layer_types"] = list(self.layer_types)
+        out["hidden_activation"] = self.hidden_act
+        if arch.features.layer_types == "qwen":
             out["use_sliding_window"] = self.sliding_window is not None
-        if self.model_type == "qwen2":
-            out.pop("attention_bias")
-        out.update(architectures=[_ARCHITECTURES[self.model_type]], mlp_bias=False)
-        nullable = ("sliding_window", "rope_scaling", "bos_token_id")
-        return {k: v for k, v in out.items() if v is not None or k in nullable}
+        nullable = ("sliding_window", "rope_scaling", "bos_token_id", "final_logit_softcapping",
+                    "attn_logit_softcapping")
+        if float(self.query_pre_attn_scalar).is_integer():  # transformers' strict config wants an int
+            out["query_pre_attn_scalar"] = int(self.query_pre_attn_scalar)
+        out = {k: v for k, v in out.items() if k in arch.config_fields and (v is not None or k in nullable)}
+        out.update(model_type=self.model_type, architectures=[arch.hf_class], mlp_bias=False)
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,6 +405,10 @@ PRESETS: dict[str, str | None] = {
     "smollm2-360m-instruct": "HuggingFaceTB/SmolLM2-360M-Instruct",
     "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B",
     "smollm2-1.7b-instruct": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+    "gemma-3-270m": "google/gemma-3-270m",
+    "gemma-3-270m-it": "google/gemma-3-270m-it",
+    "gemma-3-1b": "google/gemma-3-1b-pt",
+    "gemma-3-1b-it": "google/gemma-3-1b-it",
     "tiny-llama-byte": None,
 }
 
@@ -329,6 +433,19 @@ PRESET_CONFIGS: dict[str, DecoderConfig] = {
     **{name: DecoderConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                            num_key_value_heads=40, **_LLAMA2) for name in ("llama-2-13b", "llama-2-13b-chat")},
 }
+# Gemma 3's checkpoints are gated too: 5 sliding layers (window 512, RoPE base 1e4) then 1 global
+# (base 1e6), one KV head of 256, query_pre_attn_scalar 256, tied head, vocabulary 262144.
+_GEMMA3 = dict(model_type="gemma3_text", vocab_size=262144, num_attention_heads=4, num_key_value_heads=1,
+               head_dim=256, query_pre_attn_scalar=256, sliding_window=512, rope_theta=1e6, rope_local_base_freq=1e4,
+               rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=True, bos_token_id=2,
+               eos_token_id=1, pad_token_id=0, hidden_act="gelu_pytorch_tanh")
+PRESET_CONFIGS.update({
+    "gemma-3-270m": DecoderConfig(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, **_GEMMA3),
+    "gemma-3-1b": DecoderConfig(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, **_GEMMA3),
+})
+# The instruction-tuned models also stop at <end_of_turn> (id 106).
+PRESET_CONFIGS.update({f"{name}-it": dataclasses.replace(PRESET_CONFIGS[name], eos_token_ids=(1, 106))
+                       for name in ("gemma-3-270m", "gemma-3-1b")})
 
 
 def hub_id(name: str) -> str | None:
@@ -344,13 +461,16 @@ def hub_id(name: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=32)
-def rope_inv_freq(config: DecoderConfig) -> np.ndarray:
-    """float32 [head_dim / 2] inverse frequencies, with llama3/linear scaling or GGUF's factors.
+def rope_inv_freq(config: DecoderConfig, layer_type: str = "full_attention") -> np.ndarray:
+    """float32 [head_dim / 2] inverse frequencies of a layer type, with llama3/linear scaling or GGUF's factors.
 
+    Sliding layers of an architecture with a local base (Gemma 3) use `rope_local_base_freq`, unscaled.
     Computed on the host in float32 in the reference's order, so the tables match PyTorch's.
     """
     dim = config.head_dim
     exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    if layer_type == "sliding_attention" and config.rope_local_base_freq is not None:
+        return (np.float32(1.0) / (np.float32(config.rope_local_base_freq) ** exponent)).astype(np.float32)
     inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
     if config.rope_freq_factors is not None:
         return (inv_freq / np.asarray(config.rope_freq_factors, np.float32)).astype(np.float32)
@@ -372,9 +492,10 @@ def rope_inv_freq(config: DecoderConfig) -> np.ndarray:
     return inv_freq
 
 
-def rope_tables(config: DecoderConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+def rope_tables(config: DecoderConfig, positions: jax.Array,
+                layer_type: str = "full_attention") -> tuple[jax.Array, jax.Array]:
     """positions [B, T] int -> (cos, sin) float32 [B, T, head_dim] in the rotate_half layout."""
-    inv_freq = jnp.asarray(rope_inv_freq(config))
+    inv_freq = jnp.asarray(rope_inv_freq(config, layer_type))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
@@ -400,10 +521,15 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention with RoPE (and qwen3's per-head q/k norms); float32 scores."""
+    """Grouped-query self-attention with RoPE (and per-head q/k norms where the architecture has them).
+
+    Scores are float32, scaled by query_pre_attn_scalar ** -0.5 (head_dim unless the config says
+    otherwise) and soft-capped when `attn_logit_softcapping` is set.
+    """
 
     def __init__(self, cfg: DecoderConfig, *, path: str, lora: LoRAConfig | None, dtype: Any, param_dtype: Any,
                  keys: KeyStream) -> None:
+        features = decoder_features(cfg.model_type)
         d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         common = dict(std=cfg.initializer_range, lora=lora, dtype=dtype, param_dtype=param_dtype, keys=keys)
         bias = cfg.attention_bias
@@ -412,13 +538,17 @@ class Attention(nnx.Module):
         self.k_proj = Dense(d, kv * hd, path=f"{path}.k_proj", use_bias=bias, axes=("embed", "kv_heads"), **common)
         self.v_proj = Dense(d, kv * hd, path=f"{path}.v_proj", use_bias=bias, axes=("embed", "kv_heads"), **common)
         # Qwen2 puts biases on q/k/v only; LLaMA's and Qwen3's attention_bias covers o_proj too.
-        self.o_proj = Dense(h * hd, d, path=f"{path}.o_proj", use_bias=bias and cfg.model_type != "qwen2",
+        self.o_proj = Dense(h * hd, d, path=f"{path}.o_proj", use_bias=bias and features.o_proj_bias,
                             axes=("q_heads", "embed"), **common)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, axis="head_dim")
-            self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, axis="head_dim")
+            norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, axis="head_dim",
+                        unit_offset=features.gemma_norm)
+            self.q_norm = RMSNorm(hd, **norm)
+            self.k_norm = RMSNorm(hd, **norm)
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+        self.scale = float(cfg.query_pre_attn_scalar) ** -0.5
+        self.softcap = cfg.attn_logit_softcapping
         self.dropout_rate = cfg.attention_dropout
         self.dtype = dtype
 
@@ -429,7 +559,7 @@ class Attention(nnx.Module):
 
         Without `cache` the keys are x's own (S = T); with `cache` = (k, v, index) x's keys/values
         are written at slot `index` of the cached [B, L, KV, hd] arrays and attention spans all L
-        slots. `bias` [B, 1, 1, T, S] float32 holds the causal and padding mask.
+        slots. `bias` [B, 1, 1, T, S] float32 holds the causal, window and padding mask.
         """
         kw = dict(deterministic=deterministic, rngs=rngs)
         b, t = x.shape[:2]
@@ -446,7 +576,10 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
         q = q.reshape(b, t, self.num_kv_heads, g, self.head_dim)  # head h uses kv head h // g
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)  # [B, KV, G, T, S]
-        scores = scores * jnp.float32(self.head_dim ** -0.5) + bias
+        scores = scores * jnp.float32(self.scale)
+        if self.softcap is not None:
+            scores = soft_cap(scores, self.softcap)
+        scores = scores + bias
         e, sums = softmax_parts(scores)  # normalised after the value matmul (see softmax_parts)
         e = dropout(e, self.dropout_rate, deterministic, rngs).astype(self.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", e, v.astype(self.dtype))
@@ -454,8 +587,20 @@ class Attention(nnx.Module):
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), **kw), k, v
 
 
+def soft_cap(x: jax.Array, cap: float) -> jax.Array:
+    """cap * tanh(x / cap) (Gemma's logit soft-capping), in x's dtype."""
+    cap = jnp.asarray(cap, x.dtype)
+    return jnp.tanh(x / cap) * cap
+
+
+def _activation(name: str):
+    if name == "gelu_pytorch_tanh":
+        return functools.partial(jax.nn.gelu, approximate=True)
+    return jax.nn.silu
+
+
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """Gated MLP: down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or tanh-GELU (Gemma)."""
 
     def __init__(self, cfg: DecoderConfig, *, path: str, lora: LoRAConfig | None, dtype: Any, param_dtype: Any,
                  keys: KeyStream) -> None:
@@ -464,29 +609,42 @@ class MLP(nnx.Module):
         self.gate_proj = Dense(d, f, path=f"{path}.gate_proj", axes=("embed", "mlp"), **common)
         self.up_proj = Dense(d, f, path=f"{path}.up_proj", axes=("embed", "mlp"), **common)
         self.down_proj = Dense(f, d, path=f"{path}.down_proj", axes=("mlp", "embed"), **common)
+        self.act = cfg.hidden_act
 
     def __call__(self, x: jax.Array, *, deterministic: bool = True, rngs: RngsLike = None) -> jax.Array:
         kw = dict(deterministic=deterministic, rngs=rngs)
-        return self.down_proj(jax.nn.silu(self.gate_proj(x, **kw)) * self.up_proj(x, **kw), **kw)
+        return self.down_proj(_activation(self.act)(self.gate_proj(x, **kw)) * self.up_proj(x, **kw), **kw)
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With sandwich norms (Gemma) each sub-block's output is normed too before the residual:
+    x + post_attention_norm(attn(input_norm(x))), then x + post_ff_norm(mlp(pre_ff_norm(x))).
+    """
 
     def __init__(self, cfg: DecoderConfig, *, path: str, lora: LoRAConfig | None, dtype: Any, param_dtype: Any,
                  keys: KeyStream) -> None:
+        features = decoder_features(cfg.model_type)
         common = dict(lora=lora, dtype=dtype, param_dtype=param_dtype, keys=keys)
-        norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, unit_offset=features.gemma_norm)
         self.self_attn = Attention(cfg, path=f"{path}.self_attn", **common)
         self.mlp = MLP(cfg, path=f"{path}.mlp", **common)
         self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        self.sandwich = features.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, **norm)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, **norm)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
                  cache: tuple[jax.Array, jax.Array, jax.Array] | None = None, *, deterministic: bool = True,
                  rngs: RngsLike = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         kw = dict(deterministic=deterministic, rngs=rngs)
         h, k, v = self.self_attn(self.input_layernorm(x), cos, sin, bias, cache, **kw)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), **kw)), k, v
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x), **kw), k, v
 
@@ -496,29 +654,61 @@ class DecoderStack(nnx.Module):
 
     def __init__(self, cfg: DecoderConfig, *, lora: LoRAConfig | None, dtype: Any, param_dtype: Any,
                  keys: KeyStream) -> None:
+        features = decoder_features(cfg.model_type)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, std=cfg.initializer_range, dtype=dtype,
                                   param_dtype=param_dtype, keys=keys)
         self.layers = nnx.List([
             DecoderLayer(cfg, path=f"model.layers.{i}", lora=lora, dtype=dtype, param_dtype=param_dtype, keys=keys)
             for i in range(cfg.num_hidden_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
+                            unit_offset=features.gemma_norm)
+        # Gemma: embeddings times sqrt(hidden), the factor first rounded to the embedding's dtype.
+        self.embed_scale = float(np.asarray(np.sqrt(cfg.hidden_size), np.float32)) if features.embed_scale else None
         self.remat = "none"  # train.remat: each layer's activations recomputed in the backward pass
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """input_ids [B, T] -> embeddings [B, T, D] in the compute dtype (scaled where the architecture does)."""
+        if self.embed_scale is None:
+            return self.embed_tokens(input_ids)
+        table = self.embed_tokens.embedding[...]
+        scaled = jnp.take(table, input_ids, axis=0) * jnp.asarray(self.embed_scale, table.dtype)
+        return scaled.astype(self.embed_tokens.dtype)
 
 
 class KVCache(NamedTuple):
-    """Per-layer keys/values for incremental decoding (a plain pytree; batch first)."""
+    """Per-layer keys/values for incremental decoding (a plain pytree; batch first).
+
+    Every layer keeps all L slots; a sliding layer masks the keys outside its window (by the
+    positions stored here), so its result equals transformers' window-sized cache.
+    """
 
     k: tuple[jax.Array, ...]  # each [B, L, KV, hd] in the model dtype
     v: tuple[jax.Array, ...]
     mask: jax.Array  # [B, L] bool: slots written so far that hold real tokens
+    positions: jax.Array  # [B, L] int32: the RoPE position of each slot's token
     index: jax.Array  # [] int32: the next slot to write
     next_position: jax.Array  # [B] int32: the RoPE position of each row's next real token
 
     def repeat(self, n: int) -> "KVCache":
         """Each row repeated `n` times (row r -> rows r*n .. r*n+n-1), e.g. once per candidate option."""
         rep = functools.partial(jnp.repeat, repeats=n, axis=0)
-        return KVCache(tuple(map(rep, self.k)), tuple(map(rep, self.v)), rep(self.mask), self.index,
-                       rep(self.next_position))
+        return KVCache(tuple(map(rep, self.k)), tuple(map(rep, self.v)), rep(self.mask), rep(self.positions),
+                       self.index, rep(self.next_position))
+
+
+class OutputHead(NamedTuple):
+    """A plain linear output head as data, for code that runs it chunk by chunk (the training loss)."""
+
+    weight: jax.Array  # [V, D] if vocab_major (a tied embedding) else [D, V], in the compute dtype
+    vocab_major: bool
+    softcap: float | None  # final_logit_softcapping
+
+
+def head_logits(head: OutputHead, h: jax.Array) -> jax.Array:
+    """h [..., D] -> float32 logits [..., V] of a plain head (soft-capped when the config says so)."""
+    logits = jnp.einsum("...d,vd->...v" if head.vocab_major else "...d,dv->...v", h, head.weight,
+                        preferred_element_type=jnp.float32)
+    return logits if head.softcap is None else soft_cap(logits, head.softcap)
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,22 +734,27 @@ class DecoderLM(nnx.Module):
                                  lora=lora, dtype=dtype, param_dtype=param_dtype, keys=keys, axes=("embed", "vocab"))
         check_lora_targets(self, lora, "decoder LM")
 
-    def check_length(self, length: int) -> None:
-        """Refuse sequences longer than a sliding window: the windowed mask is not implemented."""
-        window = self.config.sliding_window
-        if window is not None and length > window:
-            raise ConfigError(f"sequence length {length} exceeds the {self.config.model_type} sliding_window "
-                              f"{window}; sliding-window attention is not implemented, keep prompts plus new "
-                              f"tokens within {window}")
-
-    def _layers(self, x: jax.Array, positions: jax.Array, bias: jax.Array, cache: KVCache | None, *,
-                deterministic: bool, rngs: RngsLike) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
-        cos, sin = rope_tables(self.config, positions)
+    def _layers(self, x: jax.Array, positions: jax.Array, allowed: jax.Array, query_positions: jax.Array,
+                key_positions: jax.Array, cache: KVCache | None, *, deterministic: bool,
+                rngs: RngsLike) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
+        """The layers over x; `allowed` [B, T, S] is the causal and padding mask, narrowed per sliding layer."""
+        cfg = self.config
+        tables, biases = {}, {}
+        for kind in dict.fromkeys(cfg.layer_types):  # in layer order: a deterministic trace
+            tables[kind] = rope_tables(cfg, positions, kind)
+            mask = allowed
+            if kind == "sliding_attention":  # transformers: key j visible from query i iff i - window < j
+                distance = query_positions[:, :, None] - key_positions[:, None, :]  # [B, T, S]
+                mask = mask & (distance < cfg.sliding_window)
+            biases[kind] = mask_bias(mask)[:, None, None]
         ks, vs = [], []
         for i, layer in enumerate(self.model.layers):
+            kind = cfg.layer_types[i]
+            cos, sin = tables[kind]
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-            call = remat_layer(lambda x, layer=layer, layer_cache=layer_cache: layer(
-                x, cos, sin, bias, layer_cache, deterministic=deterministic, rngs=rngs), self.model.remat)
+            call = remat_layer(lambda x, layer=layer, layer_cache=layer_cache, cos=cos, sin=sin, bias=biases[kind]:
+                               layer(x, cos, sin, bias, layer_cache, deterministic=deterministic, rngs=rngs),
+                               self.model.remat)
             x, k, v = call(x)
             ks.append(k)
             vs.append(v)
@@ -567,41 +762,50 @@ class DecoderLM(nnx.Module):
 
     def hidden(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, deterministic: bool = True,
                rngs: nnx.Rngs | KeyStream | None = None) -> jax.Array:
-        """input_ids [B, T] -> final-normed hidden states [B, T, D] (the input of `head`)."""
+        """input_ids [B, T] -> final-normed hidden states [B, T, D] (the input of `logits`)."""
         rngs = dropout_keys(deterministic, rngs)
         b, t = input_ids.shape
-        self.check_length(t)
         mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         allowed = jnp.tril(jnp.ones((t, t), bool))[None] & mask[:, None, :]  # [B, T, T]
-        x = self.model.embed_tokens(input_ids)
-        h, _, _ = self._layers(x, positions_from_mask(mask), mask_bias(allowed)[:, None, None], None,
+        positions = positions_from_mask(mask)
+        h, _, _ = self._layers(self.model.embed(input_ids), positions, allowed, positions, positions, None,
                                deterministic=deterministic, rngs=rngs)
         return h
 
-    def head(self, h: jax.Array, *, deterministic: bool = True,
-             rngs: nnx.Rngs | KeyStream | None = None) -> jax.Array:
-        """Hidden states [..., D] -> float32 logits [..., V] (tied: the embedding's transpose)."""
+    def output_head(self) -> OutputHead | None:
+        """The head as data when it is a plain matmul (tied, or lm_head without LoRA or bias); else None."""
+        softcap = self.config.final_logit_softcapping
         if self.config.tie_word_embeddings:
-            emb = self.model.embed_tokens.embedding[...].astype(self.dtype)
-            return jnp.einsum("...d,vd->...v", h, emb, preferred_element_type=jnp.float32)
+            return OutputHead(self.model.embed_tokens.embedding[...].astype(self.dtype), True, softcap)
+        if self.lm_head.has_lora or self.lm_head.use_bias:
+            return None
+        return OutputHead(self.lm_head.kernel[...].astype(self.dtype), False, softcap)
+
+    def logits(self, h: jax.Array, *, deterministic: bool = True,
+               rngs: nnx.Rngs | KeyStream | None = None) -> jax.Array:
+        """Hidden states [..., D] -> float32 logits [..., V] (tied: the embedding's transpose; soft-capped if set)."""
+        if self.config.tie_word_embeddings:
+            return head_logits(self.output_head(), h)
         rngs = dropout_keys(deterministic, rngs)
-        return self.lm_head(h, deterministic=deterministic, rngs=rngs).astype(jnp.float32)
+        logits = self.lm_head(h, deterministic=deterministic, rngs=rngs).astype(jnp.float32)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else soft_cap(logits, cap)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
         """Causal logits [B, T, V] float32; dropout (deterministic=False) draws from `rngs`."""
         rngs = dropout_keys(deterministic, rngs)
-        return self.head(self.hidden(input_ids, attention_mask, deterministic=deterministic, rngs=rngs),
-                         deterministic=deterministic, rngs=rngs)
+        return self.logits(self.hidden(input_ids, attention_mask, deterministic=deterministic, rngs=rngs),
+                           deterministic=deterministic, rngs=rngs)
 
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
         """An empty cache of `max_length` slots (prompt plus new tokens)."""
-        self.check_length(max_length)
         cfg = self.config
         zeros = jnp.zeros((batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim), self.dtype)
         n = cfg.num_hidden_layers
         return KVCache(k=(zeros,) * n, v=(zeros,) * n, mask=jnp.zeros((batch_size, max_length), bool),
-                       index=jnp.zeros((), jnp.int32), next_position=jnp.zeros((batch_size,), jnp.int32))
+                       positions=jnp.zeros((batch_size, max_length), jnp.int32), index=jnp.zeros((), jnp.int32),
+                       next_position=jnp.zeros((batch_size,), jnp.int32))
 
     def extend(self, input_ids: jax.Array, attention_mask: jax.Array | None,
                cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -615,12 +819,12 @@ class DecoderLM(nnx.Module):
         mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         positions = cache.next_position[:, None] + positions_from_mask(mask)
         key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, mask, cache.index, axis=1)  # [B, L]
+        key_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.index, axis=1)
         slots = jnp.arange(length)[None, :] <= cache.index + jnp.arange(t)[:, None]  # [T, L]
         allowed = slots[None] & key_mask[:, None, :]
-        x = self.model.embed_tokens(input_ids)
-        h, ks, vs = self._layers(x, positions, mask_bias(allowed)[:, None, None], cache, deterministic=True,
-                                 rngs=None)
-        return h, KVCache(k=tuple(ks), v=tuple(vs), mask=key_mask, index=cache.index + t,
+        h, ks, vs = self._layers(self.model.embed(input_ids), positions, allowed, positions, key_positions, cache,
+                                 deterministic=True, rngs=None)
+        return h, KVCache(k=tuple(ks), v=tuple(vs), mask=key_mask, positions=key_positions, index=cache.index + t,
                           next_position=cache.next_position + jnp.sum(mask, axis=1, dtype=jnp.int32))
 
 

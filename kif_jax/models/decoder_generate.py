@@ -35,7 +35,6 @@ def forward_lm(model: DecoderLM, input_ids: jax.Array, attention_mask: jax.Array
     """`model(input_ids, attention_mask)` (deterministic) under jit: float32 logits [B, T, V]."""
     input_ids = jnp.asarray(input_ids, jnp.int32)
     mask = _mask(input_ids, attention_mask)
-    model.check_length(input_ids.shape[1])
     graphdef, state = nnx.split(model)
     return _forward(graphdef, state, input_ids, mask)
 
@@ -49,7 +48,7 @@ def _greedy(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, atte
     eos = jnp.asarray(cfg.eos_token_ids, jnp.int32)
     cache = model.init_cache(b, s + max_new_tokens)
     h, cache = model.extend(input_ids, attention_mask, cache)
-    logits = model.head(h[:, -1])  # [B, V]; a left-padded prompt ends with a real token
+    logits = model.logits(h[:, -1])  # [B, V]; a left-padded prompt ends with a real token
     out = jnp.full((b, max_new_tokens), cfg.pad_token_id, jnp.int32)
 
     def cond(carry):
@@ -62,7 +61,7 @@ def _greedy(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, atte
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
         done = done | jnp.isin(token, eos)
         h, cache = model.extend(token[:, None], None, cache)
-        return i + 1, model.head(h[:, 0]), cache, done, out
+        return i + 1, model.logits(h[:, 0]), cache, done, out
 
     carry = (jnp.zeros((), jnp.int32), logits, cache, jnp.zeros((b,), bool), out)
     return jax.lax.while_loop(cond, body, carry)[-1]
@@ -82,7 +81,6 @@ def greedy_decode_lm(model: DecoderLM, input_ids: jax.Array, attention_mask: jax
     concrete = not isinstance(mask, jax.core.Tracer)  # under an outer jit the caller vouches for the layout
     if concrete and input_ids.shape[1] and not bool(np.all(np.asarray(mask)[:, -1])):
         raise ValueError("greedy_decode_lm needs LEFT-padded prompts: the last column of attention_mask must be 1")
-    model.check_length(input_ids.shape[1] + int(max_new_tokens))
     graphdef, state = nnx.split(model)
     return _greedy(graphdef, state, input_ids, mask, max_new_tokens=int(max_new_tokens))
 
@@ -104,7 +102,7 @@ def _score(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, atten
     real = jnp.where(mask, jnp.arange(t)[None, :], -1)
     prev = jnp.concatenate([jnp.full((b * c, 1), -1), jax.lax.cummax(real, axis=1)[:, :-1]], axis=1)
     pred = jnp.take_along_axis(states, (prev + 1)[..., None], axis=1)  # [B*C, T, D]
-    logp = jax.nn.log_softmax(model.head(pred), axis=-1)
+    logp = jax.nn.log_softmax(model.logits(pred), axis=-1)
     picked = jnp.take_along_axis(logp, ids[..., None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(mask, picked, 0.0), axis=-1).reshape(b, c)
 
@@ -126,7 +124,6 @@ def score_options_lm(model: DecoderLM, input_ids: jax.Array, attention_mask: jax
         raise ValueError(f"option_mask {option_mask.shape} does not match option_ids {option_ids.shape}")
     if not isinstance(mask, jax.core.Tracer) and not bool(np.all(np.asarray(mask)[:, -1])):
         raise ValueError("score_options_lm needs LEFT-padded prompts: the last column of attention_mask must be 1")
-    model.check_length(input_ids.shape[1] + option_ids.shape[2])
     graphdef, state = nnx.split(model)
     return _score(graphdef, state, input_ids, mask, option_ids, option_mask)
 

@@ -20,9 +20,10 @@ import numpy as np
 from flax import nnx
 
 from kif_jax.errors import ConfigError, ModelLoadError
+from kif_jax.models.architectures import architecture
 from kif_jax.models.decoder import DecoderConfig, DecoderLM
-from kif_jax.models.hf_files import (FLOAT_DTYPES, SAFE_WEIGHTS, NameTable, SafetensorsReader, read_config,
-                                     resolve_checkpoint, summarise, transpose, weight_files)
+from kif_jax.models.hf_files import (FLOAT_DTYPES, SAFE_WEIGHTS, SafetensorsReader, read_config, resolve_checkpoint,
+                                     summarise, transpose, weight_files)
 from kif_jax.models.layers import LoRAConfig, LoRAParam, dotted, init_lora_state, merged_kernels
 from kif_jax.sharding import place
 
@@ -39,46 +40,20 @@ class TensorReader(Protocol):
     def get(self, name: str) -> np.ndarray: ...
 
 
-_FIELDS = {
-    "i": r"\d+",
-    "proj": r"q_proj|k_proj|v_proj|o_proj",
-    "qk": r"q_norm|k_norm",
-    "mlp": r"gate_proj|up_proj|down_proj",
-    "norm": r"input_layernorm|post_attention_layernorm",
-}
-
-
-_t = transpose  # [out, in] (torch) <-> [in, out] (kif_jax)
-
-
-# (Hugging Face name, model path, transform applied on load; its inverse is the same transpose).
-_TABLE: tuple[tuple[str, str, Callable[[np.ndarray], np.ndarray] | None], ...] = (
-    ("model.embed_tokens.weight", "model.embed_tokens.embedding", None),
-    ("model.layers.{i}.self_attn.{proj}.weight", "model.layers.{i}.self_attn.{proj}.kernel", _t),
-    ("model.layers.{i}.self_attn.{proj}.bias", "model.layers.{i}.self_attn.{proj}.bias", None),
-    ("model.layers.{i}.self_attn.{qk}.weight", "model.layers.{i}.self_attn.{qk}.scale", None),
-    ("model.layers.{i}.mlp.{mlp}.weight", "model.layers.{i}.mlp.{mlp}.kernel", _t),
-    ("model.layers.{i}.{norm}.weight", "model.layers.{i}.{norm}.scale", None),
-    ("model.norm.weight", "model.norm.scale", None),
-    ("lm_head.weight", "lm_head.kernel", _t),
-)
 # Buffers some (older) checkpoints store: RoPE tables are recomputed from the config.
 _IGNORED = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\.inv_freq")
 _EMBED = "model.embed_tokens.weight"
 _HEAD = "lm_head.weight"
 
 
-_NAMES = NameTable(_TABLE, _FIELDS)
+def hf_to_model_path(name: str, model_type: str = "llama") -> tuple[str, Callable | None] | None:
+    """The model path of a Hugging Face tensor name (in `model_type`'s table) and its transform; None if unknown."""
+    return architecture(model_type, family="decoder").names.to_model(name)
 
 
-def hf_to_model_path(name: str) -> tuple[str, Callable | None] | None:
-    """The model path of a Hugging Face tensor name and its transform; None if unknown."""
-    return _NAMES.to_model(name)
-
-
-def model_to_hf_name(path: str) -> tuple[str, Callable | None] | None:
+def model_to_hf_name(path: str, model_type: str = "llama") -> tuple[str, Callable | None] | None:
     """The Hugging Face name of a dotted model path and its (inverse) transform."""
-    return _NAMES.to_hf(path)
+    return architecture(model_type, family="decoder").names.to_hf(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,7 +90,7 @@ def load_from_reader(config: DecoderConfig, reader: TensorReader, *, dtype: Any 
     plan: dict[str, tuple[str, Callable | None]] = {}
     seen: set[str] = set()  # parameters with a tensor in the checkpoint, usable or not
     for name in reader.names():
-        target = hf_to_model_path(name)
+        target = hf_to_model_path(name, config.model_type)
         if target is None:
             if not any(re.fullmatch(p, name) for p in _IGNORED):
                 problems["unexpected tensors"].append(name)
@@ -127,7 +102,7 @@ def load_from_reader(config: DecoderConfig, reader: TensorReader, *, dtype: Any 
             continue
         seen.add(path)
         shape = tuple(reader.shape(name))
-        if fn is _t:
+        if fn is transpose:
             shape = shape[::-1]
         want = tuple(expected[path].get_value().shape)
         if shape != want:
@@ -202,7 +177,7 @@ def to_hf_state_dict(model: DecoderLM) -> dict[str, np.ndarray]:
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Not(LoRAParam))):
         key = dotted(path)
-        hf = model_to_hf_name(key)
+        hf = model_to_hf_name(key, model.config.model_type)
         if hf is None:
             raise ModelLoadError(f"no Hugging Face name for model parameter {key}")
         name, fn = hf

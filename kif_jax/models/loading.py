@@ -9,12 +9,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from kif_jax.errors import ModelLoadError
+from kif_jax.errors import ConfigError, ModelLoadError
+from kif_jax.models.architectures import architecture
 from kif_jax.models.hf_files import read_config, resolve_checkpoint
 from kif_jax.models.layers import LoRAConfig
-
-T5_TYPES = ("t5", "mt5")
-DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def from_pretrained(path_or_hub_id: str, *, dtype: Any = jnp.float32, lora: LoRAConfig | None = None,
@@ -42,16 +40,17 @@ def _load(path_or_hub_id: str, *, dtype: Any, lora: LoRAConfig | None, seed: int
         return decoder_hf.load_decoder(path, dtype=dtype, lora=lora, seed=seed, mesh=mesh)
     directory = resolve_checkpoint(path)
     model_type = read_config(directory).get("model_type", "t5")
-    if model_type in T5_TYPES:
+    try:
+        family = architecture(model_type, where=f"{directory}: model_type").family
+    except ConfigError as e:
+        raise ModelLoadError(str(e)) from None
+    if family == "t5":
         from kif_jax.models import t5_hf
 
         return t5_hf.load_t5(directory, dtype=dtype, lora=lora, seed=seed, mesh=mesh)
-    if model_type in DECODER_TYPES:
-        from kif_jax.models import decoder_hf
+    from kif_jax.models import decoder_hf
 
-        return decoder_hf.load_decoder(directory, dtype=dtype, lora=lora, seed=seed, mesh=mesh)
-    raise ModelLoadError(f"{directory}: model_type {model_type!r} is not supported; "
-                         f"known: {', '.join(T5_TYPES + DECODER_TYPES)}")
+    return decoder_hf.load_decoder(directory, dtype=dtype, lora=lora, seed=seed, mesh=mesh)
 
 
 def save_pretrained(model: Any, directory: str) -> None:

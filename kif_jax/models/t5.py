@@ -124,8 +124,9 @@ class T5Config:
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "T5Config":
         """From a Hugging Face `config.json` dict (hub style and transformers-5 style alike)."""
-        if hf.get("model_type", "t5") not in ("t5", "mt5"):
-            raise ConfigError(f"config.json has model_type {hf.get('model_type')!r}, expected 't5'")
+        from kif_jax.models.architectures import architecture
+
+        architecture(hf.get("model_type", "t5"), family="t5", where="config.json has model_type")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in hf.items() if k in names and v is not None}
         if isinstance(kwargs.get("eos_token_id"), (list, tuple)):

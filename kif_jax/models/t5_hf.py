@@ -59,17 +59,17 @@ _IGNORED = (
 _EMBED_ALIASES = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
 
-_NAMES = NameTable(_TABLE, _FIELDS)
+NAMES = NameTable(_TABLE, _FIELDS)
 
 
 def hf_to_model_path(name: str) -> tuple[str, Callable | None] | None:
     """The model path of a Hugging Face tensor name and its transform; None if unknown."""
-    return _NAMES.to_model(name)
+    return NAMES.to_model(name)
 
 
 def model_to_hf_name(path: str) -> tuple[str, Callable | None] | None:
     """The Hugging Face name of a dotted model path and its (inverse) transform."""
-    return _NAMES.to_hf(path)
+    return NAMES.to_hf(path)
 
 
 # --------------------------------------------------------------------------------------------
