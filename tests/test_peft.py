@@ -18,7 +18,9 @@ from kif_jax.models.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_state_d
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 # kind -> (base checkpoint, LoRA targets); the adapters are r 4, alpha 16.
-KINDS = {"t5": ("t5_v1_1", ("q", "v")), "llama": ("decoder_llama", ("q_proj", "v_proj"))}
+KINDS = {"t5": ("t5_v1_1", ("q", "v")), "llama": ("decoder_llama", ("q_proj", "v_proj")),
+         # Gemma 3 (sliding and full layers, soft-capped tied head): every projection of its blocks.
+         "gemma3": ("decoder_gemma3", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))}
 T5_ADAPTER = FIXTURES / "peft_t5_adapter"
 
 
@@ -93,7 +95,7 @@ def test_save_adapter_writes_peft_layout(kind, tmp_path):
             "fan_in_fan_out", "use_rslora", "use_dora"} <= set(config)
 
 
-@pytest.mark.parametrize("kind", ["t5", "llama"])
+@pytest.mark.parametrize("kind", ["t5", "llama", "gemma3"])
 def test_round_trip_is_exact(kind, tmp_path):
     _need(kind)
     model = _model(kind, seed=1)

@@ -2,9 +2,10 @@
 
 Needs torch, peft and transformers beside kif_jax (never imported by kif_jax itself):
 
-    python tools/make_peft_fixtures.py [--only t5|llama]
+    python tools/make_peft_fixtures.py [--only t5|llama|gemma3]
 
-For each tiny base checkpoint (t5_v1_1, then decoder_llama once tools/ has written it):
+For each tiny base checkpoint (t5_v1_1, then decoder_llama and decoder_gemma3 once tools/ has written them;
+Gemma 3 with every projection of its blocks adapted):
   peft_<name>_adapter/      PEFT LoRA (r 4, alpha 16, q,v / q_proj,v_proj) with seeded random non-zero
                             A and B, written by `PeftModel.save_pretrained`
   peft_<name>_adapter.npz   the input batch and the PEFT model's float32 logits on it
@@ -33,6 +34,8 @@ TOL = 1e-4
 KINDS = {
     "t5": ("t5_v1_1", "SEQ_2_SEQ_LM", ["q", "v"]),
     "llama": ("decoder_llama", "CAUSAL_LM", ["q_proj", "v_proj"]),
+    "gemma3": ("decoder_gemma3", "CAUSAL_LM", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"]),
 }
 
 
@@ -104,7 +107,7 @@ def make(kind: str, fixtures: pathlib.Path) -> None:
 
     peft_model = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=targets,
                                                  task_type=task)).eval()
-    n = randomise_peft(peft_model, seed=1 if kind == "t5" else 2)
+    n = randomise_peft(peft_model, seed={"t5": 1, "llama": 2}.get(kind, 4))
     golden = hf_logits(peft_model, kind, x)
     moved = float(np.abs(golden - base_logits).max())
     assert moved > 0.1, f"{kind}: the adapter barely changes the logits ({moved})"
