@@ -66,3 +66,32 @@ def test_no_pytorch_notice_from_the_tokenizer_path_and_nothing_else_hidden(kind,
         "hf_logging.get_logger('transformers').warning('another transformers warning')\n")
     assert notice not in err
     assert "another transformers warning" in err
+
+
+# Gemma's turn format (its tokenizers open the template with the BOS text and also add a BOS themselves).
+GEMMA_STYLE_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>"
+                        "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] | trim }}"
+                        "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def test_chat_template_that_opens_with_bos_gives_one_bos(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from kif_jax.data.batching import tokenize_causal_records
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<start_of_turn>": 4, "<end_of_turn>": 5, "user": 6,
+             "model": 7, "is": 8, "it": 9, "yes": 10, "no": 11, "Answer": 12, ":": 13, "?": 14}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                 unk_token="<unk>", additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
+    hf.chat_template = GEMMA_STYLE_TEMPLATE
+    hf.save_pretrained(tmp_path)
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.apply_chat_template("is it ?") == "<start_of_turn>user\nis it ?<end_of_turn>\n<start_of_turn>model\n"
+    data = tokenize_causal_records([{"input": "Is it?\nis it ?\nAnswer:", "output": "yes"}], tok, template="chat")
+    # One BOS, the user turn ("Is" is unknown here), then the model turn the label follows.
+    assert data.input_ids[0].tolist() == [2, 4, 6, 3, 9, 14, 8, 9, 14, 12, 13, 5, 4, 7]
+    assert data.target_ids[0].tolist() == [10, 1]

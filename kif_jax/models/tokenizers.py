@@ -97,8 +97,19 @@ class HFTokenizer:
         if not getattr(self.tokenizer, "chat_template", None):
             name = getattr(self.tokenizer, "name_or_path", "") or type(self.tokenizer).__name__
             raise ModelLoadError(f"tokenizer {name} has no chat template; use a plain prompt format instead")
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                  add_generation_prompt=True)
+        rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                      add_generation_prompt=True)
+        # Templates that open with the BOS text (Gemma's, LLaMA-3's) would give two BOS ids where the
+        # tokenizer adds its own: the rendered turn starts after it, and encoding adds it once.
+        bos = getattr(self.tokenizer, "bos_token", None)
+        if bos and rendered.startswith(bos) and self._adds_bos():
+            rendered = rendered[len(bos):]
+        return rendered
+
+    def _adds_bos(self) -> bool:
+        """Whether encoding with special tokens puts the BOS first."""
+        ids = self.encode_batch(["a"], add_special_tokens=True)[0]
+        return self.bos_token_id is not None and bool(ids) and ids[0] == self.bos_token_id
 
     def decode_batch(self, ids: Sequence[Sequence[int]]) -> list[str]:
         cut = []
