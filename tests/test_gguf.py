@@ -293,3 +293,64 @@ def test_smollm2_logits_and_greedy_match_pytorch():
         want = golden["greedy"][b].tolist()
         cut = want.index(eos) + 1 if eos in want else len(want)
         assert new[:cut] == want[:cut], (b, new, want)
+
+
+GEMMA3_GGUF_OF = {**GGUF_OF, "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                  "post_feedforward_layernorm": "post_ffw_norm"}
+
+
+def test_gemma3_gguf_gives_transformers_logits(tmp_path):
+    """decoder_gemma3 written as llama.cpp's converter writes Gemma 3 (norms stored as 1 + w, a sliding
+    pattern per layer, the attention scale and soft-cap in metadata) gives transformers' logits."""
+    import jax.numpy as jnp
+    from safetensors.numpy import load_file
+
+    from kif_jax.models import from_pretrained
+    from kif_jax.models.decoder_generate import forward_lm
+
+    base = FIXTURES / "decoder_gemma3"
+    hf = json.loads((base / "config.json").read_text())
+    g = np.load(FIXTURES / "decoder_gemma3.npz")
+    path = tmp_path / "gemma3.gguf"
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_block_count(hf["num_hidden_layers"])
+    w.add_context_length(hf["max_position_embeddings"])
+    w.add_embedding_length(hf["hidden_size"])
+    w.add_feed_forward_length(hf["intermediate_size"])
+    w.add_head_count(hf["num_attention_heads"])
+    w.add_head_count_kv(hf["num_key_value_heads"])
+    w.add_key_length(hf["head_dim"])
+    w.add_value_length(hf["head_dim"])
+    w.add_layer_norm_rms_eps(hf["rms_norm_eps"])
+    w.add_rope_freq_base(hf["rope_parameters"]["full_attention"]["rope_theta"])
+    w.add_rope_freq_base_swa(hf["rope_parameters"]["sliding_attention"]["rope_theta"])
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    w.add_rope_scaling_factor(hf["rope_parameters"]["full_attention"]["factor"])
+    w.add_sliding_window(hf["sliding_window"])
+    w.add_sliding_window_pattern([t == "sliding_attention" for t in hf["layer_types"]])
+    w.add_attention_scale(hf["query_pre_attn_scalar"] ** -0.5)
+    w.add_final_logit_softcapping(hf["final_logit_softcapping"])
+    w.add_bos_token_id(hf["bos_token_id"])
+    w.add_eos_token_id(hf["eos_token_id"][0])
+    w.add_pad_token_id(hf["pad_token_id"])
+    for name, value in load_file(str(base / "model.safetensors")).items():
+        stem, kind = name.rsplit(".", 1)
+        if stem.startswith("model.layers."):
+            _, _, i, rest = stem.split(".", 3)
+            target = f"blk.{i}.{GEMMA3_GGUF_OF[rest]}.{kind}"
+        else:
+            target = f"{GEMMA3_GGUF_OF[stem]}.{kind}"
+        w.add_tensor(target, value + 1.0 if stem.endswith("norm") else value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    model = from_pretrained(str(path))
+    cfg = model.config
+    assert (cfg.model_type, cfg.layer_types, cfg.sliding_window) == ("gemma3_text", tuple(hf["layer_types"]), 4)
+    assert (cfg.rope_local_base_freq, dict(cfg.rope_scaling)["factor"], cfg.final_logit_softcapping) == (1e4, 2.0, 10.0)
+    assert abs(cfg.query_pre_attn_scalar - 12.0) < 1e-5 and cfg.tie_word_embeddings
+    got = np.asarray(forward_lm(model, jnp.asarray(g["input_ids"]), jnp.asarray(g["attention_mask"])))
+    real = g["attention_mask"].astype(bool)
+    assert np.abs(got - g["logits"])[real].max() <= 1e-4

@@ -184,8 +184,8 @@ class GGUFCheckpoint:
                 raise ModelLoadError(f"{self.path}: no {self.arch}.vocab_size and no token_embd tensor")
             vocab = embed_shape[0]
         scaling = self._meta("rope.scaling.type")
-        if scaling not in (None, "none"):
-            raise ModelLoadError(f"{self.path}: RoPE scaling {scaling!r} is not supported")
+        if scaling not in (None, "none", "linear"):
+            raise ModelLoadError(f"{self.path}: RoPE scaling {scaling!r} is not supported (supported: linear)")
         tok = lambda key: (None if f"tokenizer.ggml.{key}" not in self.metadata  # noqa: E731
                            else int(self.metadata[f"tokenizer.ggml.{key}"]))
         config: dict[str, Any] = {
@@ -208,14 +208,17 @@ class GGUFCheckpoint:
         }
         if self.architecture.features.rope_local_base:
             config.update(self._gemma3_config(config))
+        if scaling == "linear":  # Gemma 3 4B+: positions divided by the factor on global layers
+            config["rope_scaling"] = {"rope_type": "linear",
+                                      "factor": _f32(self._meta("rope.scaling.factor", required=True))}
         freqs = self._gguf_tensors.get("rope_freqs.weight")
         if freqs is not None:
             config["rope_freq_factors"] = [float(x) for x in self._dequantize(freqs).reshape(-1)]
         return config
 
     def _gemma3_config(self, config: dict[str, Any]) -> dict[str, Any]:
-        """Gemma 3's extra fields. llama.cpp writes no query_pre_attn_scalar: it scales by head_dim
-        (true of every Gemma 3 but the 27B), and a sliding pattern of 6 unless the file says otherwise."""
+        """Gemma 3's extra fields. Without `attention.scale` the scores are scaled by head_dim ** -0.5
+        (llama.cpp's rule for every Gemma 3 but the 27B); the sliding pattern is 6 unless the file says."""
         window = self._meta("attention.sliding_window")
         if window is None:
             raise ModelLoadError(f"{self.path}: GGUF metadata {self.arch}.attention.sliding_window is missing")
@@ -229,7 +232,8 @@ class GGUFCheckpoint:
         else:
             layer_types = ["sliding_attention" if (i + 1) % int(pattern) else "full_attention" for i in range(n)]
         return {"sliding_window": int(window), "layer_types": layer_types,
-                "query_pre_attn_scalar": config["head_dim"],
+                "query_pre_attn_scalar": (config["head_dim"] if self._meta("attention.scale") is None
+                                          else float(np.float32(self._meta("attention.scale"))) ** -2),
                 "rope_local_base_freq": _f32(self._meta("rope.freq_base_swa", 10000.0)),
                 "final_logit_softcapping": self._meta("final_logit_softcapping"),
                 "attn_logit_softcapping": self._meta("attn_logit_softcapping")}
