@@ -30,7 +30,7 @@ class DecoderFeatures:
     sandwich_norms: bool = False  # attention and MLP outputs normed before the residual, pre-MLP norm
     embed_scale: bool = False  # embeddings times sqrt(hidden_size), rounded to the embedding dtype
     hidden_act: str = "silu"  # the gate's activation when config.json names none
-    layer_types: str = "none"  # how per-layer attention types default: none / all / qwen / every6
+    layer_types: str = "none"  # how per-layer attention types default: none / all / qwen / gemma3
     rope_local_base: bool = False  # sliding layers use `rope_local_base_freq` without scaling
 
 
@@ -48,6 +48,11 @@ class Architecture:
     gguf_block_names: tuple[tuple[str, str], ...] = ()  # GGUF name after blk.N. -> HF name after layers.N.
     gguf_norm_offset: float = 0.0  # llama.cpp stores Gemma's norms as 1 + w: subtract this on load
     gguf_unpermute_qk: bool = False  # llama.cpp permuted q/k rows for its adjacent-pair RoPE
+    config_module: str | None = None  # its own module: config_from_hf(hf, kwargs), config_from_gguf(...)
+
+    def module(self) -> Any:
+        """The architecture's own module (None when the generic decoder reading covers it)."""
+        return None if self.config_module is None else importlib.import_module(self.config_module)
 
     @property
     def names(self) -> NameTable:
@@ -141,8 +146,9 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
                      "use_bidirectional_attention"),
                  lambda: _GEMMA_NAMES,
                  DecoderFeatures(qk_norm=True, gemma_norm=True, sandwich_norms=True, embed_scale=True,
-                                 hidden_act="gelu_pytorch_tanh", layer_types="every6", rope_local_base=True),
-                 gguf_arch="gemma3", gguf_block_names=_GEMMA3_GGUF, gguf_norm_offset=1.0),
+                                 hidden_act="gelu_pytorch_tanh", layer_types="gemma3", rope_local_base=True),
+                 gguf_arch="gemma3", gguf_block_names=_GEMMA3_GGUF, gguf_norm_offset=1.0,
+                 config_module="kif_jax.models.gemma3"),
     Architecture("t5", "t5", "T5ForConditionalGeneration", _T5_FIELDS, lambda: _t5_names()),
     Architecture("mt5", "t5", "MT5ForConditionalGeneration", _T5_FIELDS, lambda: _t5_names()),
 )}

@@ -45,8 +45,6 @@ from kif_jax.models.layers import (
 ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh")
 #: transformers' default `max_window_layers` of Qwen2/Qwen3 (layers from it on slide when a window is used).
 QWEN_MAX_WINDOW_LAYERS = 28
-#: transformers' default Gemma 3 pattern: every sixth layer attends to everything, the others slide.
-GEMMA3_SLIDING_PATTERN = 6
 _ROPE_TYPES = ("default", "linear", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -239,8 +237,9 @@ class DecoderConfig:
             if default == "qwen":
                 return tuple("sliding_attention" if i >= QWEN_MAX_WINDOW_LAYERS else "full_attention"
                              for i in range(n))
-            return tuple("sliding_attention" if (i + 1) % GEMMA3_SLIDING_PATTERN else "full_attention"
-                         for i in range(n))
+            from kif_jax.models.gemma3 import layer_pattern
+
+            return layer_pattern(n)
         if isinstance(self.layer_types, str) or len(self.layer_types) != n:
             raise ConfigError(f"DecoderConfig.layer_types must list one type per layer ({n}), got {self.layer_types!r}")
         bad = sorted(set(self.layer_types) - set(ATTENTION_TYPES))
@@ -269,46 +268,33 @@ class DecoderConfig:
         arch = architecture(model_type, family="decoder", where="config.json has model_type")
         if hf.get("mlp_bias"):
             raise ConfigError("DecoderConfig: mlp_bias=true is not supported")
-        if hf.get("use_bidirectional_attention"):
-            raise ConfigError("DecoderConfig: use_bidirectional_attention=true (an embedding model) is not supported")
         names = {f.name for f in dataclasses.fields(cls)}
         read = set(arch.config_fields)
         kwargs: dict[str, Any] = {k: v for k, v in hf.items() if k in names and k in read and v is not None}
         kwargs["model_type"] = model_type
-        if "hidden_activation" in read and hf.get("hidden_activation") is not None:
-            kwargs["hidden_act"] = hf["hidden_activation"]
         if "bos_token_id" in hf:  # an explicit null means no BOS (Qwen's configs)
             kwargs["bos_token_id"] = hf["bos_token_id"]
-        features = arch.features
-        rope_theta = hf.get("rope_theta")
-        scaling = hf.get("rope_scaling")
-        params = hf.get("rope_parameters")
-        per_type = isinstance(params, Mapping) and any(isinstance(v, Mapping) for v in params.values())
-        if per_type and not features.rope_local_base:
-            raise ConfigError(f"DecoderConfig: per-layer rope_parameters are not supported for {model_type}")
-        if per_type:
-            full = dict(params.get("full_attention") or {})
-            sliding = dict(params.get("sliding_attention") or {})
-            if sliding.get("rope_type", "default") != "default":
-                raise ConfigError("DecoderConfig: rope_parameters.sliding_attention must be the default RoPE, "
-                                  f"got {sliding.get('rope_type')!r}")
-            rope_theta = full.get("rope_theta", rope_theta)
-            scaling = full
-            if sliding.get("rope_theta") is not None:
-                kwargs["rope_local_base_freq"] = sliding["rope_theta"]
-        elif isinstance(params, Mapping):
-            rope_theta = params.get("rope_theta", rope_theta)
-            scaling = params
-        if rope_theta is None:  # transformers' defaults: Gemma 3's global base is 1e6
-            rope_theta = 1e6 if features.rope_local_base else 10000.0
-        kwargs["rope_theta"] = rope_theta
-        scaling = _rope_items(scaling, "rope_scaling")
+        if isinstance(kwargs.get("layer_types"), list):
+            kwargs["layer_types"] = tuple(kwargs["layer_types"])
+        module = arch.module()
+        if module is not None:  # the architecture's own reading (Gemma 3: RoPE per layer type, ...)
+            kwargs = module.config_from_hf(hf, kwargs)
+        else:
+            rope_theta, scaling = hf.get("rope_theta"), hf.get("rope_scaling")
+            params = hf.get("rope_parameters")
+            if isinstance(params, Mapping):
+                if any(isinstance(v, Mapping) for v in params.values()):
+                    raise ConfigError(f"DecoderConfig: per-layer rope_parameters are not supported for {model_type}")
+                rope_theta, scaling = params.get("rope_theta", rope_theta), params
+            kwargs["rope_theta"] = 10000.0 if rope_theta is None else rope_theta
+            kwargs["rope_scaling"] = scaling
+        scaling = _rope_items(kwargs["rope_scaling"], "rope_scaling")
         if scaling is not None and dict(scaling)["rope_type"] == "llama3" and \
                 "original_max_position_embeddings" not in dict(scaling):
             scaling = tuple(sorted({**dict(scaling), "original_max_position_embeddings":
                                     hf.get("max_position_embeddings", 2048)}.items()))
         kwargs["rope_scaling"] = scaling
-        if features.layer_types == "qwen":
+        if arch.features.layer_types == "qwen":
             window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
             kwargs["sliding_window"] = window
             if window is None:
@@ -317,12 +303,6 @@ class DecoderConfig:
                 first = int(hf.get("max_window_layers", QWEN_MAX_WINDOW_LAYERS))
                 kwargs["layer_types"] = tuple("sliding_attention" if i >= first else "full_attention"
                                               for i in range(int(hf.get("num_hidden_layers", 32))))
-        if features.layer_types == "every6" and "layer_types" not in kwargs:
-            pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", GEMMA3_SLIDING_PATTERN))
-            kwargs["layer_types"] = tuple("sliding_attention" if (i + 1) % int(pattern) else "full_attention"
-                                          for i in range(int(hf.get("num_hidden_layers", 26))))
-        if features.rope_local_base and "query_pre_attn_scalar" not in kwargs:
-            kwargs["query_pre_attn_scalar"] = 256  # transformers' Gemma 3 default
         if isinstance(kwargs.get("layer_types"), list):
             kwargs["layer_types"] = tuple(kwargs["layer_types"])
         eos = hf.get("eos_token_id")

@@ -206,8 +206,9 @@ class GGUFCheckpoint:
             "eos_token_id": tok("eos_token_id"),
             "pad_token_id": tok("padding_token_id"),
         }
-        if self.architecture.features.rope_local_base:
-            config.update(self._gemma3_config(config))
+        module = self.architecture.module()
+        if module is not None:  # the architecture's own metadata (Gemma 3: windows, RoPE bases, ...)
+            config.update(module.config_from_gguf(self._meta, config, self.path))
         if scaling == "linear":  # Gemma 3 4B+: positions divided by the factor on global layers
             config["rope_scaling"] = {"rope_type": "linear",
                                       "factor": _f32(self._meta("rope.scaling.factor", required=True))}
@@ -215,28 +216,6 @@ class GGUFCheckpoint:
         if freqs is not None:
             config["rope_freq_factors"] = [float(x) for x in self._dequantize(freqs).reshape(-1)]
         return config
-
-    def _gemma3_config(self, config: dict[str, Any]) -> dict[str, Any]:
-        """Gemma 3's extra fields. Without `attention.scale` the scores are scaled by head_dim ** -0.5
-        (llama.cpp's rule for every Gemma 3 but the 27B); the sliding pattern is 6 unless the file says."""
-        window = self._meta("attention.sliding_window")
-        if window is None:
-            raise ModelLoadError(f"{self.path}: GGUF metadata {self.arch}.attention.sliding_window is missing")
-        n = config["num_hidden_layers"]
-        pattern = self._meta("attention.sliding_window_pattern", 6)
-        if isinstance(pattern, list):  # one flag a layer: true where the layer slides
-            if len(pattern) != n:
-                raise ModelLoadError(f"{self.path}: {self.arch}.attention.sliding_window_pattern has "
-                                     f"{len(pattern)} entries for {n} layers")
-            layer_types = ["sliding_attention" if p else "full_attention" for p in pattern]
-        else:
-            layer_types = ["sliding_attention" if (i + 1) % int(pattern) else "full_attention" for i in range(n)]
-        return {"sliding_window": int(window), "layer_types": layer_types,
-                "query_pre_attn_scalar": (config["head_dim"] if self._meta("attention.scale") is None
-                                          else float(np.float32(self._meta("attention.scale"))) ** -2),
-                "rope_local_base_freq": _f32(self._meta("rope.freq_base_swa", 10000.0)),
-                "final_logit_softcapping": self._meta("final_logit_softcapping"),
-                "attn_logit_softcapping": self._meta("attn_logit_softcapping")}
 
     # --- the SafetensorsReader interface, under Hugging Face names and layouts ---
 
