@@ -524,3 +524,36 @@ def test_gemma3_chunked_loss_and_its_gradient_equal_the_full_logits(models):
         np.testing.assert_allclose(np.asarray(x[...]), np.asarray(y[...]), atol=2e-6, err_msg=str(path))
     emb = dict(nnx.to_flat_state(ga))[("model", "embed_tokens", "embedding")][...]
     assert np.abs(np.asarray(emb)).max() > 1e-3  # the tied head's gradient flows through the soft-cap
+
+
+# --------------------------------------------------------------------------------------------
+# The architecture registry
+# --------------------------------------------------------------------------------------------
+
+
+def test_registry_is_the_list_errors_name(tmp_path):
+    from kif_jax.models.architectures import ARCHITECTURES, DECODER_TYPES, GGUF_ARCHITECTURES
+
+    assert DECODER_TYPES == ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+    assert sorted(GGUF_ARCHITECTURES) == ["gemma3", "llama", "qwen2", "qwen3"]
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ModelLoadError, match="supported: " + ", ".join(ARCHITECTURES)):
+        from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
+def test_every_parameter_has_a_hugging_face_name_both_ways(model_type):
+    cfg = DecoderConfig(model_type=model_type, vocab_size=50, hidden_size=16, intermediate_size=32,
+                        num_hidden_layers=2, num_attention_heads=2, attention_bias=model_type != "mistral",
+                        tie_word_embeddings=False)
+    model = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
+    paths = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model))]
+    names = set()
+    for path in paths:
+        name, _ = decoder_hf.model_to_hf_name(path, model_type)
+        assert decoder_hf.hf_to_model_path(name, model_type)[0] == path
+        names.add(name)
+    assert len(names) == len(paths)
+    gemma = model_type == "gemma3_text"
+    assert ("model.layers.1.post_feedforward_layernorm.weight" in names) == gemma
+    assert ("model.layers.0.self_attn.q_norm.weight" in names) == (model_type in ("qwen3", "gemma3_text"))
