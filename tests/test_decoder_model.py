@@ -543,6 +543,8 @@ def test_registry_is_the_list_errors_name(tmp_path):
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
 def test_every_parameter_has_a_hugging_face_name_both_ways(model_type):
+    from kif_jax.models.architectures import hf_to_model_path, model_to_hf_name
+
     cfg = DecoderConfig(model_type=model_type, vocab_size=50, hidden_size=16, intermediate_size=32,
                         num_hidden_layers=2, num_attention_heads=2, attention_bias=model_type != "mistral",
                         tie_word_embeddings=False)
@@ -550,8 +552,8 @@ def test_every_parameter_has_a_hugging_face_name_both_ways(model_type):
     paths = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model))]
     names = set()
     for path in paths:
-        name, _ = decoder_hf.model_to_hf_name(path, model_type)
-        assert decoder_hf.hf_to_model_path(name, model_type)[0] == path
+        name, _ = model_to_hf_name(path, model_type)
+        assert hf_to_model_path(name, model_type)[0] == path
         names.add(name)
     assert len(names) == len(paths)
     gemma = model_type == "gemma3_text"

@@ -13,6 +13,7 @@ from flax import nnx
 from kif_jax.errors import ConfigError, ModelLoadError
 from kif_jax.models import (
     PRESETS,
+    T5_PRESETS,
     forward,
     LoRAConfig,
     LoRAParam,
@@ -23,7 +24,7 @@ from kif_jax.models import (
     preset,
     save_pretrained,
 )
-from kif_jax.models import t5_hf
+from kif_jax.models.architectures import hf_to_model_path, model_to_hf_name
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
@@ -46,8 +47,10 @@ def test_tiny_config_defaults_and_replace():
 
 
 def test_presets():
-    assert {"t5-small", "t5-base", "t5-large", "flan-t5-large", "flan-t5-xl"} <= set(PRESETS)
-    hub, large = PRESETS["t5-large"]
+    assert {"t5-small", "t5-base", "t5-large", "flan-t5-large", "flan-t5-xl"} <= set(T5_PRESETS)
+    hub, large = T5_PRESETS["t5-large"]
+    # kif_jax.models.PRESETS: every family's names -> hub ids.
+    assert PRESETS["t5-large"] == hub and PRESETS["gemma-3-270m-it"] == "google/gemma-3-270m-it"
     assert hub == "google-t5/t5-large" and (large.d_model, large.num_layers, large.num_heads) == (1024, 24, 16)
     assert preset("flan-t5-xl").d_model == 2048 and not preset("flan-t5-xl").tie_word_embeddings
     assert preset("flan-t5-large").is_gated and preset("flan-t5-large").d_ff == 2816
@@ -65,9 +68,9 @@ def test_name_table_round_trips():
                  "decoder.block.0.layer.2.DenseReluDense.wi_1.weight", "lm_head.weight",
                  "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
                  "decoder.final_layer_norm.weight", "shared.weight"):
-        path, _ = t5_hf.hf_to_model_path(name)
-        assert t5_hf.model_to_hf_name(path)[0] == name
-    assert t5_hf.hf_to_model_path("encoder.block.0.layer.1.EncDecAttention.q.weight") is None
+        path, _ = hf_to_model_path(name, "t5")
+        assert model_to_hf_name(path, "t5")[0] == name
+    assert hf_to_model_path("encoder.block.0.layer.1.EncDecAttention.q.weight", "t5") is None
 
 
 def _copy(tmp_path, kind="t5_v1_0"):

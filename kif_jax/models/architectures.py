@@ -167,6 +167,16 @@ def architecture(model_type: Any, *, family: str | None = None, where: str = "mo
     return ARCHITECTURES[model_type]
 
 
+def hf_to_model_path(name: str, model_type: str) -> tuple[str, Callable | None] | None:
+    """The model path of a Hugging Face tensor name of `model_type` and its transform; None if unknown."""
+    return architecture(model_type).names.to_model(name)
+
+
+def model_to_hf_name(path: str, model_type: str) -> tuple[str, Callable | None] | None:
+    """The Hugging Face name of a dotted model path of `model_type` and its (inverse) transform."""
+    return architecture(model_type).names.to_hf(path)
+
+
 def decoder_features(model_type: str) -> DecoderFeatures:
     """The feature switches of a decoder-only `model_type`."""
     features = architecture(model_type, family="decoder").features

@@ -29,15 +29,13 @@ from kif_jax.models.layers import (
     Embed,
     KeyStream,
     LoRAConfig,
-    LoRAParam,
     RMSNorm,
     RngsLike,
     check_lora_targets,
     dropout,
     dropout_keys,
     mask_bias,
-    merged_kernels,
-    path_tuple,
+    merge_lora,  # noqa: F401 - the decoder family's merge (one implementation for every family)
     remat_layer,
     softmax_parts,
 )
@@ -806,22 +804,3 @@ class DecoderLM(nnx.Module):
                                  deterministic=True, rngs=None)
         return h, KVCache(k=tuple(ks), v=tuple(vs), mask=key_mask, positions=key_positions, index=cache.index + t,
                           next_position=cache.next_position + jnp.sum(mask, axis=1, dtype=jnp.int32))
-
-
-# --------------------------------------------------------------------------------------------
-# LoRA utilities
-# --------------------------------------------------------------------------------------------
-
-
-def merge_lora(model: DecoderLM) -> DecoderLM:
-    """A copy of `model` without adapters whose adapted kernels are W + (alpha / r) A @ B."""
-    merged = merged_kernels(model)
-    param_dtype = model.model.embed_tokens.embedding[...].dtype
-    abstract = nnx.eval_shape(lambda: DecoderLM(model.config, lora=None, dtype=model.dtype, param_dtype=param_dtype,
-                                                rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    values = {path: v[...] for path, v in nnx.to_flat_state(nnx.state(model, nnx.Not(LoRAParam)))}
-    for path, w in merged.items():
-        values[(*path_tuple(path), "kernel")] = w
-    flat = [(path, var.replace(values[path])) for path, var in nnx.to_flat_state(state)]
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -331,6 +331,24 @@ def merged_kernels(model: nnx.Module) -> dict[str, jax.Array]:
     return out
 
 
+def merge_lora(model: nnx.Module) -> nnx.Module:
+    """A copy of `model` without adapters whose adapted kernels are W + (alpha / r) A @ B, for any family.
+
+    The copy is built like the original (`type(model)(config, lora=None, dtype=..., param_dtype=...)`,
+    the parameters' own dtype) and every non-LoRA value carried over.
+    """
+    merged = merged_kernels(model)
+    values = {path: v[...] for path, v in nnx.to_flat_state(nnx.state(model, nnx.Not(LoRAParam)))}
+    param_dtype = next(iter(values.values())).dtype  # every base parameter has the model's param dtype
+    abstract = nnx.eval_shape(lambda: type(model)(model.config, lora=None, dtype=model.dtype, param_dtype=param_dtype,
+                                                  rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    for path, w in merged.items():
+        values[(*path_tuple(path), "kernel")] = w
+    flat = [(path, var.replace(values[path])) for path, var in nnx.to_flat_state(state)]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
 def check_lora_targets(model: nnx.Module, lora: LoRAConfig | None, family: str) -> None:
     """Every target must match at least one projection of the model (a typo adapts nothing)."""
     if lora is None:

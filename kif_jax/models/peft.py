@@ -34,9 +34,9 @@ _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<factor>A|B)\.wei
 
 def _t5_module(path: str) -> str:
     """'encoder.blocks.0.self_attention.q' -> 'encoder.block.0.layer.0.SelfAttention.q'."""
-    from kif_jax.models.t5_hf import model_to_hf_name
+    from kif_jax.models.architectures import model_to_hf_name
 
-    found = model_to_hf_name(path + ".kernel")
+    found = model_to_hf_name(path + ".kernel", "t5")
     if found is None:
         raise ModelLoadError(f"no Hugging Face name for T5 projection {path}")
     return found[0].removesuffix(".weight")

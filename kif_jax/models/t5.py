@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from kif_jax.errors import ConfigError
-from kif_jax.models.layers import (  # noqa: F401 - LoRAConfig, LoRAParam, Dense, Embed, RMSNorm re-exported
+from kif_jax.models.layers import (  # noqa: F401 - LoRAConfig, LoRAParam, Dense, Embed, RMSNorm, merge_lora re-exported
     MASKED as _MASKED,
     Dense,
     Embed,
@@ -33,8 +33,7 @@ from kif_jax.models.layers import (  # noqa: F401 - LoRAConfig, LoRAParam, Dense
     check_lora_targets,
     lora_modules,
     mask_bias as _mask_bias,
-    merged_kernels,
-    path_tuple as _path_tuple,
+    merge_lora,
     remat_layer,
     softmax_parts,
 )
@@ -516,24 +515,3 @@ def shift_right(labels: jax.Array, decoder_start_token_id: int = 0, pad_token_id
     labels = jnp.where(labels < 0, pad_token_id, labels)
     start = jnp.full((*labels.shape[:-1], 1), decoder_start_token_id, labels.dtype)
     return jnp.concatenate([start, labels[..., :-1]], axis=-1)
-
-
-# --------------------------------------------------------------------------------------------
-# LoRA utilities
-# --------------------------------------------------------------------------------------------
-
-
-def merge_lora(model: T5) -> T5:
-    """A copy of `model` without adapters whose adapted kernels are W + (alpha / r) A @ B."""
-    merged = merged_kernels(model)
-    param_dtype = model.shared.embedding[...].dtype
-    abstract = nnx.eval_shape(lambda: T5(model.config, lora=None, dtype=model.dtype, param_dtype=param_dtype,
-                                         rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    values = {path: v[...] for path, v in nnx.to_flat_state(nnx.state(model, nnx.Not(LoRAParam)))}
-    for path, w in merged.items():
-        values[(*_path_tuple(path), "kernel")] = w
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        flat.append((path, var.replace(values[path])))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
