@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from kif_jax.models.decoder import DecoderLM
+from kif_jax.models.decoding import greedy_loop
 
 
 def _mask(input_ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
@@ -45,34 +46,26 @@ def _greedy(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, atte
     model: DecoderLM = nnx.merge(graphdef, state)
     cfg = model.config
     b, s = input_ids.shape
-    eos = jnp.asarray(cfg.eos_token_ids, jnp.int32)
     cache = model.init_cache(b, s + max_new_tokens)
-    h, cache = model.extend(input_ids, attention_mask, cache)
-    logits = model.logits(h[:, -1])  # [B, V]; a left-padded prompt ends with a real token
-    out = jnp.full((b, max_new_tokens), cfg.pad_token_id, jnp.int32)
+    if s > 1:  # the prompt but its last token; the loop's first step runs that token
+        _, cache = model.extend(input_ids[:, :-1], attention_mask[:, :-1], cache)
 
-    def cond(carry):
-        i, _, _, done, _ = carry
-        return (i < max_new_tokens) & ~jnp.all(done)
+    def step(prev: jax.Array, i: jax.Array, cache):
+        h, cache = model.extend(prev[:, None], None, cache)
+        return model.logits(h[:, 0]), cache
 
-    def body(carry):
-        i, logits, cache, done, out = carry
-        token = jnp.where(done, cfg.pad_token_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
-        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
-        done = done | jnp.isin(token, eos)
-        h, cache = model.extend(token[:, None], None, cache)
-        return i + 1, model.logits(h[:, 0]), cache, done, out
-
-    carry = (jnp.zeros((), jnp.int32), logits, cache, jnp.zeros((b,), bool), out)
-    return jax.lax.while_loop(cond, body, carry)[-1]
+    # A left-padded prompt ends with a real token: the loop starts from it.
+    return greedy_loop(step, cache, input_ids[:, -1], max_new_tokens=max_new_tokens, eos_ids=cfg.eos_token_ids,
+                       pad_id=cfg.pad_token_id)
 
 
 def greedy_decode_lm(model: DecoderLM, input_ids: jax.Array, attention_mask: jax.Array | None, *,
                      max_new_tokens: int) -> jax.Array:
     """Greedy continuation of LEFT-padded prompts, int32 [B, max_new_tokens]: EOS kept, pad after it.
 
-    The prompt runs once into a key/value cache; then one token per step inside `lax.while_loop`,
-    which stops early once every row has produced one of `config.eos_token_ids`.
+    The prompt but its last token runs once into a key/value cache; then `decoding.greedy_loop` runs
+    one token per step (the prompt's last first), stopping early once every row has produced one of
+    `config.eos_token_ids`.
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     mask = _mask(input_ids, attention_mask)

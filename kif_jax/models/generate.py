@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kif_jax.models.decoding import greedy_loop
 from kif_jax.models.t5 import T5, shift_right
 from kif_jax.models.tokenizers import Tokenizer
 
@@ -38,22 +39,9 @@ def _greedy(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, atte
     cfg = model.config
     b = input_ids.shape[0]
     cache = model.init_cache(model.encode(input_ids, attention_mask), attention_mask, max_new_tokens)
-    out = jnp.full((b, max_new_tokens), cfg.pad_token_id, jnp.int32)
     start = jnp.full((b,), cfg.decoder_start_token_id, jnp.int32)
-
-    def cond(carry):
-        i, _, _, done, _ = carry
-        return (i < max_new_tokens) & ~jnp.all(done)
-
-    def body(carry):
-        i, prev, cache, done, out = carry
-        logits, cache = model.decode_step(prev, i, cache)  # [B, V]
-        token = jnp.where(done, cfg.pad_token_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
-        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
-        return i + 1, token, cache, done | (token == cfg.eos_token_id), out
-
-    carry = (jnp.zeros((), jnp.int32), start, cache, jnp.zeros((b,), bool), out)
-    return jax.lax.while_loop(cond, body, carry)[-1]
+    return greedy_loop(lambda prev, i, cache: model.decode_step(prev, i, cache), cache, start,
+                       max_new_tokens=max_new_tokens, eos_ids=(cfg.eos_token_id,), pad_id=cfg.pad_token_id)
 
 
 def greedy_decode(model: T5, input_ids: jax.Array, attention_mask: jax.Array | None, *,

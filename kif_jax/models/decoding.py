@@ -1,0 +1,39 @@
+"""The greedy decoding loop shared by every family, traceable under jit."""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def greedy_loop(step: Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]], state: Any, start: jax.Array, *,
+                max_new_tokens: int, eos_ids: Sequence[int], pad_id: int) -> jax.Array:
+    """Greedy tokens int32 [B, max_new_tokens]: each row's stop id kept, pad after it.
+
+    `step(prev_tokens [B], i, state) -> (logits [B, V], state)` gives the logits of new token i
+    after `prev_tokens` (token i - 1, or `start` for i = 0). Runs in `lax.while_loop`, which stops
+    early once every row has produced one of `eos_ids`.
+    """
+    b = start.shape[0]
+    eos = tuple(int(e) for e in eos_ids)
+
+    def stopped(token: jax.Array) -> jax.Array:
+        if len(eos) == 1:
+            return token == eos[0]
+        return jnp.isin(token, jnp.asarray(eos, jnp.int32))
+
+    def cond(carry):
+        i, _, _, done, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, prev, state, done, out = carry
+        logits, state = step(prev, i, state)
+        token = jnp.where(done, pad_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
+        return i + 1, token, state, done | stopped(token), out
+
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+    carry = (jnp.zeros((), jnp.int32), start.astype(jnp.int32), state, jnp.zeros((b,), bool), out)
+    return jax.lax.while_loop(cond, body, carry)[-1]
