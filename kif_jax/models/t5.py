@@ -437,9 +437,9 @@ class T5(nnx.Module):
         cross = None if encoder_attention_mask is None else _mask_bias(encoder_attention_mask)[:, None, None, :]
         h = self.decoder(self.shared(decoder_input_ids), _mask_bias(causal), encoder_hidden=encoder_hidden,
                          encoder_mask_bias=cross, deterministic=deterministic, rngs=rngs)
-        return self.head(h, deterministic=deterministic, rngs=rngs)
+        return self.logits(h, deterministic=deterministic, rngs=rngs)
 
-    def head(self, h: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
+    def logits(self, h: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
         """Decoder output [..., D] -> float32 logits [..., V] (v1.0: scaled, tied to the embedding)."""
         rngs = _dropout_keys(deterministic, rngs)
         if self.config.scale_decoder_outputs:
@@ -479,7 +479,7 @@ class T5(nnx.Module):
             k, v = blk.cross_attention.project_kv(encoder_hidden)
             x = x + blk.cross_attention.attend(h, k, v, None, cross).reshape(b * c, t, -1)
             x = x + blk.ff(blk.ff_norm(x))
-        return self.head(self.decoder.final_norm(x)).reshape(b, c, t, -1)
+        return self.logits(self.decoder.final_norm(x)).reshape(b, c, t, -1)
 
     def init_cache(self, encoder_hidden: jax.Array, encoder_attention_mask: jax.Array | None,
                    max_length: int) -> DecodeCache:
@@ -506,7 +506,7 @@ class T5(nnx.Module):
         for i, blk in enumerate(self.decoder.blocks):
             x, self_k[i], self_v[i] = blk.step(x, index, bias, mask, self_k[i], self_v[i], cache.cross_k[i],
                                                cache.cross_v[i], cache.cross_mask_bias)
-        logits = self.head(self.decoder.final_norm(x))[:, 0]
+        logits = self.logits(self.decoder.final_norm(x))[:, 0]
         return logits, cache._replace(self_k=tuple(self_k), self_v=tuple(self_v))
 
 
