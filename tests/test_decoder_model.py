@@ -277,8 +277,9 @@ def test_sliding_window_binds_and_the_cache_honours_it(models, variant):
     assert np.abs(alone - g["logits"][2, -n:]).max() <= 1e-4
 
 
-def test_score_options_equals_the_concatenated_forward(models):
-    model, g = models["qwen2"]
+@pytest.mark.parametrize("variant", ["qwen2", "gemma3"])  # gemma3: windows over right-padded options
+def test_score_options_equals_the_concatenated_forward(models, variant):
+    model, g = models[variant]
     ids, mask = g["input_ids"], g["attention_mask"]
     options = [[[0, 5, 9], [7, 0, 0]], [[11], [12, 13, 14]], [[2, 3], [0]]]  # 0 is pad and a real token
     t = 3
