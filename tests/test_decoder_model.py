@@ -560,3 +560,16 @@ def test_every_parameter_has_a_hugging_face_name_both_ways(model_type):
     gemma = model_type == "gemma3_text"
     assert ("model.layers.1.post_feedforward_layernorm.weight" in names) == gemma
     assert ("model.layers.0.self_attn.q_norm.weight" in names) == (model_type in ("qwen3", "gemma3_text"))
+
+
+def test_generation_config_stop_ids_are_added(tmp_path):
+    directory = tmp_path / "it"
+    shutil.copytree(FIXTURES / "decoder_gemma3", directory)
+    generation = json.loads((directory / "generation_config.json").read_text())
+    assert decoder_hf.load_decoder(str(directory)).config.eos_token_ids == (2, 3)
+    (directory / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [2, 6]}))
+    model = decoder_hf.load_decoder(str(directory))
+    assert (model.config.eos_token_id, model.config.eos_token_ids) == (2, (2, 3, 6))
+    (directory / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": 999}))
+    with pytest.raises(ModelLoadError, match="generation_config.json: eos_token_id 999"):
+        decoder_hf.load_decoder(str(directory))

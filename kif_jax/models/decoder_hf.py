@@ -6,6 +6,7 @@ loader and exporter (`hf_weights`) with the architecture's name table (`architec
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -61,6 +62,27 @@ def _config(hf: dict, source: str) -> DecoderConfig:
         raise ModelLoadError(f"{source}: {e}") from None
 
 
+def _with_generation_stops(config: DecoderConfig, directory: str) -> DecoderConfig:
+    """Add the stop ids of `generation_config.json`, which transformers' generate() stops on.
+
+    Instruction-tuned checkpoints list their end-of-turn token there only, e.g. Gemma 3's
+    <end_of_turn> (106) beside <eos> (1).
+    """
+    path = os.path.join(directory, "generation_config.json")
+    if not os.path.exists(path):
+        return config
+    try:
+        with open(path, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from None
+    extra = [eos] if isinstance(eos, int) else list(eos or ())
+    if not all(isinstance(i, int) and 0 <= i < config.vocab_size for i in extra):
+        raise ModelLoadError(f"{path}: eos_token_id {eos!r} must be ids in [0, {config.vocab_size})")
+    ids = tuple(dict.fromkeys((*config.eos_token_ids, *extra)))
+    return config if ids == config.eos_token_ids else dataclasses.replace(config, eos_token_ids=ids)
+
+
 def load_decoder(path_or_dir_or_gguf: str, *, dtype: Any = jnp.float32, lora: LoRAConfig | None = None,
                  seed: int = 0, mesh: Any = None) -> DecoderLM:
     """A `DecoderLM` from a checkpoint directory (config.json + safetensors), a hub id or a `.gguf` file.
@@ -79,7 +101,8 @@ def load_decoder(path_or_dir_or_gguf: str, *, dtype: Any = jnp.float32, lora: Lo
                                  source=path, mesh=mesh)
     else:
         directory = resolve_checkpoint(path)
-        config = _config(read_config(directory), os.path.join(directory, "config.json"))
+        config = _with_generation_stops(_config(read_config(directory), os.path.join(directory, "config.json")),
+                                        directory)
         reader = SafetensorsReader(weight_files(directory))
         model = load_from_reader(config, reader, dtype=dtype, lora=lora, seed=seed, source=f"checkpoint {directory}",
                                  mesh=mesh)
