@@ -272,6 +272,12 @@ def test_sliding_window_binds_and_the_cache_honours_it(models, variant):
 
     steps, full = run(model)
     assert np.abs(np.asarray(steps) - np.asarray(full)).max() <= 1e-5
+    # Sliding layers keep only their window's slots; full layers every slot.
+    cfg = model.config
+    cache = model.init_cache(3, ids.shape[1] + nxt.shape[1])
+    assert [k.shape[1] for k in cache.k] == [cfg.sliding_window if kind == "sliding_attention" else 18
+                                             for kind in cfg.layer_types]
+    assert cache.window_mask.shape == (3, cfg.sliding_window)
     n = int(mask[2].sum())
     alone = np.asarray(forward_lm(model, ids[2:, -n:], None))[0]
     assert np.abs(alone - g["logits"][2, -n:]).max() <= 1e-4

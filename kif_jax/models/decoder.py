@@ -537,7 +537,8 @@ class Attention(nnx.Module):
 
         Without `cache` the keys are x's own (S = T); with `cache` = (k, v, index) x's keys/values
         are written at slot `index` of the cached [B, L, KV, hd] arrays and attention spans all L
-        slots. `bias` [B, 1, 1, T, S] float32 holds the causal, window and padding mask.
+        slots; with `cache` = (k, v, None) (a sliding layer's window of W slots) they are appended
+        (S = W + T). `bias` [B, 1, 1, T, S] float32 holds the causal, window and padding mask.
         """
         kw = dict(deterministic=deterministic, rngs=rngs)
         b, t = x.shape[:2]
@@ -550,8 +551,12 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             cache_k, cache_v, index = cache
-            k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
+            if index is None:
+                k = jnp.concatenate([cache_k, k.astype(cache_k.dtype)], axis=1)
+                v = jnp.concatenate([cache_v, v.astype(cache_v.dtype)], axis=1)
+            else:
+                k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
+                v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
         q = q.reshape(b, t, self.num_kv_heads, g, self.head_dim)  # head h uses kv head h // g
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)  # [B, KV, G, T, S]
         scores = scores * jnp.float32(self.scale)
@@ -656,22 +661,27 @@ class DecoderStack(nnx.Module):
 class KVCache(NamedTuple):
     """Per-layer keys/values for incremental decoding (a plain pytree; batch first).
 
-    Every layer keeps all L slots; a sliding layer masks the keys outside its window (by the
-    positions stored here), so its result equals transformers' window-sized cache.
+    Full-attention layers keep L slots, written at `index`. When the sliding window W is shorter
+    than L, sliding layers keep only the last W slots (`window_mask` / `window_positions` describe
+    them; None otherwise): transformers' sliding-window cache. A row's pads must come before its
+    first real token or after its last (left-padded prompts, right-padded options), as there.
     """
 
-    k: tuple[jax.Array, ...]  # each [B, L, KV, hd] in the model dtype
+    k: tuple[jax.Array, ...]  # each [B, L or W, KV, hd] in the model dtype
     v: tuple[jax.Array, ...]
     mask: jax.Array  # [B, L] bool: slots written so far that hold real tokens
     positions: jax.Array  # [B, L] int32: the RoPE position of each slot's token
     index: jax.Array  # [] int32: the next slot to write
     next_position: jax.Array  # [B] int32: the RoPE position of each row's next real token
+    window_mask: jax.Array | None = None  # [B, W] bool: the last W slots that hold real tokens
+    window_positions: jax.Array | None = None  # [B, W] int32
 
     def repeat(self, n: int) -> "KVCache":
         """Each row repeated `n` times (row r -> rows r*n .. r*n+n-1), e.g. once per candidate option."""
         rep = functools.partial(jnp.repeat, repeats=n, axis=0)
+        maybe = lambda x: None if x is None else rep(x)  # noqa: E731
         return KVCache(tuple(map(rep, self.k)), tuple(map(rep, self.v)), rep(self.mask), rep(self.positions),
-                       self.index, rep(self.next_position))
+                       self.index, rep(self.next_position), maybe(self.window_mask), maybe(self.window_positions))
 
 
 class OutputHead(NamedTuple):
@@ -712,24 +722,28 @@ class DecoderLM(nnx.Module):
                                  lora=lora, dtype=dtype, param_dtype=param_dtype, keys=keys, axes=("embed", "vocab"))
         check_lora_targets(self, lora, "decoder LM")
 
-    def _layers(self, x: jax.Array, positions: jax.Array, allowed: jax.Array, query_positions: jax.Array,
-                key_positions: jax.Array, cache: KVCache | None, *, deterministic: bool,
-                rngs: RngsLike) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
-        """The layers over x; `allowed` [B, T, S] is the causal and padding mask, narrowed per sliding layer."""
+    def _bias(self, kind: str, allowed: jax.Array, query_positions: jax.Array,
+              key_positions: jax.Array) -> jax.Array:
+        """[B, 1, 1, T, S] float32 bias of a layer type: `allowed` [B, T, S], narrowed to the window if sliding."""
+        if kind == "sliding_attention":  # transformers: key j visible from query i iff i - window < j
+            distance = query_positions[:, :, None] - key_positions[:, None, :]  # [B, T, S]
+            allowed = allowed & (distance < self.config.sliding_window)
+        return mask_bias(allowed)[:, None, None]
+
+    def _layers(self, x: jax.Array, positions: jax.Array, biases: dict[str, jax.Array], cache: KVCache | None, *,
+                deterministic: bool, rngs: RngsLike) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
+        """The layers over x with each layer type's bias; a windowed cache's sliding layers append to it."""
         cfg = self.config
-        tables, biases = {}, {}
-        for kind in dict.fromkeys(cfg.layer_types):  # in layer order: a deterministic trace
-            tables[kind] = rope_tables(cfg, positions, kind)
-            mask = allowed
-            if kind == "sliding_attention":  # transformers: key j visible from query i iff i - window < j
-                distance = query_positions[:, :, None] - key_positions[:, None, :]  # [B, T, S]
-                mask = mask & (distance < cfg.sliding_window)
-            biases[kind] = mask_bias(mask)[:, None, None]
+        tables = {kind: rope_tables(cfg, positions, kind) for kind in dict.fromkeys(cfg.layer_types)}
+        windowed = cache is not None and cache.window_mask is not None
         ks, vs = [], []
         for i, layer in enumerate(self.model.layers):
             kind = cfg.layer_types[i]
             cos, sin = tables[kind]
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
+            layer_cache = None
+            if cache is not None:
+                appends = windowed and kind == "sliding_attention"
+                layer_cache = (cache.k[i], cache.v[i], None if appends else cache.index)
             call = remat_layer(lambda x, layer=layer, layer_cache=layer_cache, cos=cos, sin=sin, bias=biases[kind]:
                                layer(x, cos, sin, bias, layer_cache, deterministic=deterministic, rngs=rngs),
                                self.model.remat)
@@ -746,8 +760,9 @@ class DecoderLM(nnx.Module):
         mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         allowed = jnp.tril(jnp.ones((t, t), bool))[None] & mask[:, None, :]  # [B, T, T]
         positions = positions_from_mask(mask)
-        h, _, _ = self._layers(self.model.embed(input_ids), positions, allowed, positions, positions, None,
-                               deterministic=deterministic, rngs=rngs)
+        biases = {kind: self._bias(kind, allowed, positions, positions) for kind in dict.fromkeys(self.config.layer_types)}
+        h, _, _ = self._layers(self.model.embed(input_ids), positions, biases, None, deterministic=deterministic,
+                               rngs=rngs)
         return h
 
     def output_head(self) -> OutputHead | None:
@@ -777,13 +792,18 @@ class DecoderLM(nnx.Module):
                            deterministic=deterministic, rngs=rngs)
 
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
-        """An empty cache of `max_length` slots (prompt plus new tokens)."""
+        """An empty cache of `max_length` slots (prompt plus new tokens); sliding layers keep only their window."""
         cfg = self.config
-        zeros = jnp.zeros((batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim), self.dtype)
-        n = cfg.num_hidden_layers
-        return KVCache(k=(zeros,) * n, v=(zeros,) * n, mask=jnp.zeros((batch_size, max_length), bool),
+        window = cfg.sliding_window
+        windowed = "sliding_attention" in cfg.layer_types and window < max_length
+        zeros = lambda n: jnp.zeros((batch_size, n, cfg.num_key_value_heads, cfg.head_dim), self.dtype)  # noqa: E731
+        full, slide = zeros(max_length), zeros(window) if windowed else None
+        kv = tuple(slide if windowed and kind == "sliding_attention" else full for kind in cfg.layer_types)
+        return KVCache(k=kv, v=kv, mask=jnp.zeros((batch_size, max_length), bool),
                        positions=jnp.zeros((batch_size, max_length), jnp.int32), index=jnp.zeros((), jnp.int32),
-                       next_position=jnp.zeros((batch_size,), jnp.int32))
+                       next_position=jnp.zeros((batch_size,), jnp.int32),
+                       window_mask=jnp.zeros((batch_size, window), bool) if windowed else None,
+                       window_positions=jnp.zeros((batch_size, window), jnp.int32) if windowed else None)
 
     def extend(self, input_ids: jax.Array, attention_mask: jax.Array | None,
                cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -800,7 +820,22 @@ class DecoderLM(nnx.Module):
         key_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.index, axis=1)
         slots = jnp.arange(length)[None, :] <= cache.index + jnp.arange(t)[:, None]  # [T, L]
         allowed = slots[None] & key_mask[:, None, :]
-        h, ks, vs = self._layers(self.model.embed(input_ids), positions, allowed, positions, key_positions, cache,
-                                 deterministic=True, rngs=None)
+        kinds = dict.fromkeys(self.config.layer_types)
+        biases = {kind: self._bias(kind, allowed, positions, key_positions) for kind in kinds}
+        window_mask = window_positions = None
+        if cache.window_mask is not None:  # sliding layers: the window's W slots, then the T new ones
+            w = cache.window_mask.shape[1]
+            seen_mask = jnp.concatenate([cache.window_mask, mask], axis=1)  # [B, W + T]
+            seen_positions = jnp.concatenate([cache.window_positions, positions], axis=1)
+            causal = jnp.arange(w + t)[None, :] <= w + jnp.arange(t)[:, None]  # [T, W + T]
+            biases["sliding_attention"] = self._bias("sliding_attention", causal[None] & seen_mask[:, None, :],
+                                                     positions, seen_positions)
+            window_mask, window_positions = seen_mask[:, -w:], seen_positions[:, -w:]
+        h, ks, vs = self._layers(self.model.embed(input_ids), positions, biases, cache, deterministic=True, rngs=None)
+        if window_mask is not None:  # keep the last W slots of each sliding layer
+            sliding = [kind == "sliding_attention" for kind in self.config.layer_types]
+            ks = [k[:, -w:] if slides else k for k, slides in zip(ks, sliding)]
+            vs = [v[:, -w:] if slides else v for v, slides in zip(vs, sliding)]
         return h, KVCache(k=tuple(ks), v=tuple(vs), mask=key_mask, positions=key_positions, index=cache.index + t,
-                          next_position=cache.next_position + jnp.sum(mask, axis=1, dtype=jnp.int32))
+                          next_position=cache.next_position + jnp.sum(mask, axis=1, dtype=jnp.int32),
+                          window_mask=window_mask, window_positions=window_positions)
