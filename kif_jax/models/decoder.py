@@ -24,6 +24,7 @@ from flax import nnx
 
 from kif_jax.errors import ConfigError
 from kif_jax.models.architectures import ATTENTION_TYPES, architecture, decoder_features
+from kif_jax.models.gemma3 import LOCAL_THETA, layer_pattern
 from kif_jax.models.layers import (
     Dense,
     Embed,
@@ -170,7 +171,7 @@ class DecoderConfig:
         if self.query_pre_attn_scalar is None:
             put("query_pre_attn_scalar", self.head_dim)
         if self.rope_local_base_freq is None and features.rope_local_base:
-            put("rope_local_base_freq", 10000.0)
+            put("rope_local_base_freq", LOCAL_THETA)
         for name in ("query_pre_attn_scalar", "rope_local_base_freq", "final_logit_softcapping",
                      "attn_logit_softcapping"):
             value = getattr(self, name)
@@ -235,8 +236,6 @@ class DecoderConfig:
             if default == "qwen":
                 return tuple("sliding_attention" if i >= QWEN_MAX_WINDOW_LAYERS else "full_attention"
                              for i in range(n))
-            from kif_jax.models.gemma3 import layer_pattern
-
             return layer_pattern(n)
         if isinstance(self.layer_types, str) or len(self.layer_types) != n:
             raise ConfigError(f"DecoderConfig.layer_types must list one type per layer ({n}), got {self.layer_types!r}")
