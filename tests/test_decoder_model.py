@@ -579,3 +579,16 @@ def test_generation_config_stop_ids_are_added(tmp_path):
     (directory / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": 999}))
     with pytest.raises(ModelLoadError, match="generation_config.json: eos_token_id 999"):
         decoder_hf.load_decoder(str(directory))
+
+
+def test_gemma3_embedding_scale_is_rounded_to_the_embedding_dtype():
+    """As transformers: embeddings times sqrt(hidden_size) cast to the table's dtype first (bf16: 5.65625 for 32)."""
+    model = decoder_hf.load_decoder(str(FIXTURES / "decoder_gemma3"), dtype=jnp.bfloat16)
+    table = model.model.embed_tokens.embedding[...]  # [180, 32] bfloat16
+    scale = jnp.asarray(np.float32(np.sqrt(32.0)), jnp.bfloat16)
+    assert float(scale) == 5.65625
+    got = model.model.embed(jnp.arange(180)[None])[0]
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(table * scale, np.float32))
+    unrounded = (table.astype(jnp.float32) * np.float32(np.sqrt(32.0))).astype(jnp.bfloat16)
+    assert int(jnp.sum(unrounded != got)) > 10  # the other order of rounding gives other embeddings
