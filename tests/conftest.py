@@ -29,7 +29,8 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The end-to-end, multi-process and real-model tests (each takes from several seconds to minutes on 2 CPU
 # cores): `python -m pytest -q -m "not slow"` leaves them out for a fast local run; CI runs everything.
 SLOW_FILES = {"test_causal_training.py", "test_evaluation.py", "test_gguf.py", "test_multihost.py", "test_notebook.py",
-              "test_preemption.py", "test_scale_out.py", "test_tokenizers_gguf.py", "test_tracking.py", "test_train.py"}
+              "test_preemption.py", "test_scale_out.py", "test_tokenizers_gguf.py", "test_tracking.py", "test_train.py",
+              "test_method_golden.py"}
 FAST_IN_SLOW_FILES = {"test_baselines.py": {"test_tasl_minmax_and_four_case_merge_by_hand",
                                             "test_o_lora_branches_and_loss_by_hand"}}
 SLOW_TESTS = {
@@ -43,6 +44,8 @@ SLOW_TESTS = {
     "test_generate.py": {"test_cached_decoding_equals_full_recompute"},
     "test_tokenizers.py": {"test_no_pytorch_notice_from_the_tokenizer_path_and_nothing_else_hidden"},
     "test_memory_plan_cli.py": {"test_command_prints_and_writes_memory_json", "test_module_entry_point", "test_13b_pod_plan"},
+    "test_migu.py": {"test_migu_end_to_end", "test_migu_resumes_exactly"},
+    "test_own_method.py": {"test_main_runs_a_method_from_its_own_module"},
 }
 
 
@@ -89,3 +92,20 @@ def data_dir() -> pathlib.Path:
     if not (path / "MANIFEST.json").exists():
         pytest.fail(f"benchmark not found at {path}; set KIF_DATA_DIR")
     return path
+
+
+@pytest.fixture(scope="session")
+def every_method_run(tmp_path_factory):
+    """One run of every built-in method on tests/tiny_config.py, shared by the tests that read finished runs
+    (it is the suite's costliest setup): (config, workdir, results). Mid-task checkpoints every 2 steps (4 a
+    task, all kept) serve the resume tests; checkpointing changes no result."""
+    import tiny_config
+    from kif_jax.methods import builtin_names
+    from kif_jax.train import train_and_evaluate
+
+    config = tiny_config.get_config()
+    config.methods = ",".join(builtin_names())
+    config.checkpoint.every_steps = 2
+    config.checkpoint.keep = 4
+    workdir = tmp_path_factory.mktemp("every_method")
+    return config, workdir, train_and_evaluate(config, workdir)

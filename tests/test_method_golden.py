@@ -12,24 +12,20 @@ import pathlib
 
 import pytest
 
-import tiny_config
 from helpers import comparable_records, float_environment, read_metrics
-from kif_jax.train import train_and_evaluate
 
 FIXTURE = json.loads((pathlib.Path(__file__).parent / "fixtures" / "method_golden.json").read_text())
 GOLDEN = FIXTURE["methods"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(every_method_run):
     here = float_environment()
     if here != FIXTURE["environment"]:
         pytest.skip(f"the golden numbers were recorded with {FIXTURE['environment']}; this is {here}, whose float "
                     "arithmetic may differ")
-    config = tiny_config.get_config()
-    config.methods = ",".join(GOLDEN)
-    workdir = tmp_path_factory.mktemp("golden")
-    return workdir, train_and_evaluate(config, workdir)
+    _, workdir, results = every_method_run
+    return workdir, results
 
 
 @pytest.mark.parametrize("method", list(GOLDEN))
