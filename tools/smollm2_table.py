@@ -36,7 +36,8 @@ def main(dirs):
                          key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
         for m in methods:
             r = json.loads((d / m / "results.json").read_text())
-            learned = r.get("learned")
+            diagonal = [v for v in r.get("learned_accuracy") or [] if v is not None]
+            learned = sum(diagonal) / len(diagonal) if len(diagonal) == len(r["tasks"]) else None
             print(f"| {order} | {m} | {pct(r['op'])} | {pct(r.get('bwt'))} | {pct(r.get('avg'))} | {pct(learned)} |")
         for baseline in ("seq_lora", "replay"):
             for (m, metric), row in rows_of(d, baseline).items():
