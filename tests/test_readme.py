@@ -49,3 +49,30 @@ def test_demo_tables_are_what_main_prints(tmp_path):
     shown = [text.rstrip("\n") for _, text in blocks_after("## The demo")]
     printed = result.stdout.split("\n\nresults in ")[0].split("\n\n")
     assert printed == shown
+
+
+def test_smollm2_table_is_what_the_committed_runs_give():
+    """Each row of the README's SmolLM2 table is the committed run's results.json (OP, BWT, Avg, learned, final
+    accuracies), and that file's matrix is what its predictions.jsonl gives."""
+    import json
+
+    import numpy as np
+
+    from kif_jax import compare, metrics
+
+    names = {"SeqLoRA": "seq_lora", "Replay": "replay", "Recurrent-KIF": "recurrent_kif", "MTL": "mtl"}
+    results = pathlib.Path(__file__).resolve().parent.parent / "results"
+    section = README.split("## A real pretrained LM, offline", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\d) \| (SeqLoRA|Replay|Recurrent-KIF|MTL) \| (.*) \|$", section, flags=re.M)
+    assert rows, "the SmolLM2 section has no result rows"
+    for order, shown_name, rest in rows:
+        method = names[shown_name]
+        workdir = results / f"smollm2_o{order}"
+        r = json.loads((workdir / method / "results.json").read_text())
+        cells = [c.strip() for c in rest.split("|")]
+        learned = float(np.mean(r["learned_accuracy"]))
+        want = [f"{100 * r['op']:.1f}", f"{100 * r['bwt']:.1f}", f"{100 * r['avg']:.1f}", f"{100 * learned:.1f}",
+                ", ".join(f"{100 * v:.1f}" for v in r["final_accuracy"])]
+        assert cells[:5] == want, (order, method)
+        predictions = compare.load_predictions(workdir / method / "predictions.jsonl", method, r["tasks"])
+        np.testing.assert_array_equal(predictions.matrix(), metrics.results_matrix(r))
