@@ -46,8 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.synthetic.n_test = 100  # test examples per synthetic task
 
     c.model = ml_collections.ConfigDict()
-    # A preset (T5: kif_jax.models.PRESETS; decoder-only: kif_jax.models.decoder.PRESETS, and the offline
-    # GGUF preset "smollm2-135m-instruct-q4"), a hub id, a local Hugging Face directory, a .gguf file,
+    # A preset (kif_jax.models.PRESETS, every family's hub names; or the offline GGUF preset
+    # "smollm2-135m-instruct-q4"), a hub id, a local Hugging Face directory, a .gguf file,
     # or a randomly initialised "tiny" (T5) / "tiny-decoder" (LLaMA-style) model sized by model.tiny.
     c.model.name = "t5-large"
     # Decoder-only models: how a benchmark input becomes the prompt: "none" (the text as is), "alpaca"
