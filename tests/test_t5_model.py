@@ -1,6 +1,7 @@
 """T5 configs, presets, loading errors, export round trip."""
 import dataclasses
 import json
+import os
 import pathlib
 import shutil
 
@@ -146,6 +147,10 @@ def test_export_round_trip_merges_lora(tmp_path):
     args = (g["input_ids"], g["decoder_input_ids"], g["attention_mask"], np.ones_like(g["decoder_input_ids"]))
     want = forward(model, *args)
     save_pretrained(model, str(tmp_path / "export"))
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in ("config.json", "model.safetensors"):  # readable by others, as open() writes under the umask
+        assert (tmp_path / "export" / written).stat().st_mode & 0o777 == 0o666 & ~umask
     again = from_pretrained(str(tmp_path / "export"))
     assert not again.config.tie_word_embeddings and not lora_modules(again)
     got = forward(again, *args)

@@ -131,4 +131,9 @@ def save_pretrained(model: nnx.Module, directory: str, names: NameTable) -> None
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
         json.dump(model.config.to_hf(), f, indent=2)
-    save_file(to_hf_state_dict(model, names), os.path.join(directory, SAFE_WEIGHTS), metadata={"format": "pt"})
+    weights = os.path.join(directory, SAFE_WEIGHTS)
+    save_file(to_hf_state_dict(model, names), weights, metadata={"format": "pt"})
+    # safetensors writes a 0600 file; give it the mode open() would (0644 under umask 022), like config.json.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights, 0o666 & ~umask)
