@@ -81,8 +81,8 @@ def draw_heatmap(ax: Any, matrix: np.ndarray, tasks: Sequence[str], title: str, 
     return image
 
 
-def save_heatmap(path: pathlib.Path, matrix: np.ndarray, tasks: Sequence[str], title: str) -> None:
-    """The accuracy matrix R (rows: after task i; columns: task j) as an annotated PNG, in percent."""
+def heatmap_figure(matrix: np.ndarray, tasks: Sequence[str], title: str) -> Any:
+    """The accuracy matrix R (rows: after task i; columns: task j) as an annotated matplotlib figure, in percent."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,5 +93,13 @@ def save_heatmap(path: pathlib.Path, matrix: np.ndarray, tasks: Sequence[str], t
     image = draw_heatmap(ax, matrix, tasks, title)
     fig.colorbar(image, ax=ax, label="test accuracy (%)")
     fig.tight_layout()
+    return fig
+
+
+def save_heatmap(path: pathlib.Path, matrix: np.ndarray, tasks: Sequence[str], title: str) -> None:
+    """`heatmap_figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = heatmap_figure(matrix, tasks, title)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from kif_jax.errors import ConfigError
+from kif_jax.run_files import heatmap_figure
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -81,7 +82,7 @@ class Trackers:
     def log_results(self, result: dict, matrix: np.ndarray, tasks: Sequence[str], global_step: int) -> None:
         """OP / BWT / Avg / FWT and the accuracy heatmap of a finished method."""
         summary = {f"results/{k}": float(result[k]) for k in ("op", "bwt", "avg", "fwt") if result.get(k) is not None}
-        figure = _heatmap_figure(matrix, tasks, result["method"]) if self.active else None
+        figure = heatmap_figure(matrix, tasks, result["method"]) if self.active else None
         if self.tb is not None:
             for name, value in summary.items():
                 self.tb.add_scalar(name, value, global_step)
@@ -104,19 +105,3 @@ class Trackers:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
-
-
-def _heatmap_figure(matrix: np.ndarray, tasks: Sequence[str], title: str) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from kif_jax.run_files import draw_heatmap
-
-    size = max(4.0, 0.55 * len(tasks) + 2.0)
-    fig, ax = plt.subplots(figsize=(size, size * 0.85))
-    image = draw_heatmap(ax, matrix, tasks, title)
-    fig.colorbar(image, ax=ax, label="test accuracy (%)")
-    fig.tight_layout()
-    return fig

@@ -82,8 +82,10 @@ class Program:
         return False
 
     def penalty(self, params: Any, method_state: Any) -> jax.Array:
-        """The loss term besides the cross-entropy, float32 [] (added once per step, not per micro-batch)."""
-        raise NotImplementedError
+        """The loss term besides the cross-entropy, float32 [] (added once per step, not per micro-batch).
+
+        Called only when `penalised` is True; a program that says so defines it."""
+        raise NotImplementedError(f"{type(self).__name__} sets `penalised` but defines no `penalty`")
 
     def step_key(self, trainer: Any, state: Any, learner: Learner | None) -> jax.Array:
         """The dropout key of a step."""
