@@ -52,16 +52,22 @@ def test_demo_tables_are_what_main_prints(tmp_path):
 
 
 def test_smollm2_table_is_what_the_committed_runs_give():
-    """Each row of the README's SmolLM2 table is the committed run's results.json (OP, BWT, Avg, learned, final
-    accuracies), and that file's matrix is what its predictions.jsonl gives."""
+    """Each row of the README's SmolLM2 table is what tools/smollm2_table.py prints from the committed run
+    (results.json: OP, BWT, Avg, learned, final accuracies; metrics.jsonl and run.log: the time), and that
+    results.json's matrix is what its predictions.jsonl gives."""
+    import importlib.util
     import json
 
     import numpy as np
 
     from kif_jax import compare, metrics
 
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("smollm2_table", repo / "tools" / "smollm2_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
     names = {"SeqLoRA": "seq_lora", "Replay": "replay", "Recurrent-KIF": "recurrent_kif", "MTL": "mtl"}
-    results = pathlib.Path(__file__).resolve().parent.parent / "results"
+    results = repo / "results"
     section = README.split("## A real pretrained LM, offline", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| (\d) \| (SeqLoRA|Replay|Recurrent-KIF|MTL) \| (.*) \|$", section, flags=re.M)
     assert rows, "the SmolLM2 section has no result rows"
@@ -74,5 +80,6 @@ def test_smollm2_table_is_what_the_committed_runs_give():
         want = [f"{100 * r['op']:.1f}", f"{100 * r['bwt']:.1f}", f"{100 * r['avg']:.1f}", f"{100 * learned:.1f}",
                 ", ".join(f"{100 * v:.1f}" for v in r["final_accuracy"])]
         assert cells[:5] == want, (order, method)
+        assert f"| {order} | {shown_name} | {rest} |" == table.result_row(workdir, method)
         predictions = compare.load_predictions(workdir / method / "predictions.jsonl", method, r["tasks"])
         np.testing.assert_array_equal(predictions.matrix(), metrics.results_matrix(r))

@@ -1,22 +1,71 @@
-"""The README's SmolLM2 table from committed runs: each order's results.json files and the paired comparisons.
+"""The README's SmolLM2 tables from committed runs: each order's results, times and paired comparisons.
 
     python tools/smollm2_table.py results/smollm2_o4 results/smollm2_o5
 
-Each directory holds `<method>/results.json` and `<method>/predictions.jsonl`; `python -m kif_jax.compare DIR`
-and `python -m kif_jax.compare DIR --baseline replay` are run first (they write DIR/report/). Prints markdown:
-per order and method, OP / BWT / Avg / learned accuracy (%), then each difference from SeqLoRA and from Replay
-with its 95% interval (points), marked resolved where the interval excludes 0.
+Each directory holds `<method>/results.json`, `<method>/predictions.jsonl` and `<method>/metrics.jsonl`, and the
+order's `run.log` (main.py's progress lines); `python -m kif_jax.compare DIR` and `python -m kif_jax.compare DIR
+--baseline replay` are run first (they write DIR/report/). Prints markdown: per order and method, OP / BWT / Avg /
+learned accuracy (%), the accuracies after the last task and the time (training from metrics.jsonl, evaluation
+from run.log), then each difference from SeqLoRA and from Replay with its 95% interval (points), marked resolved
+where the interval excludes 0.
 """
 import json
 import pathlib
+import re
 import sys
 
 METRICS = ("op", "bwt", "avg", "learned")
 ORDER = ("seq_lora", "replay", "recurrent_kif", "mtl", "migu")
+NAMES = {"seq_lora": "SeqLoRA", "replay": "Replay", "recurrent_kif": "Recurrent-KIF", "mtl": "MTL", "migu": "MIGU"}
 
 
 def pct(x):
     return "-" if x is None else f"{100 * x:.1f}"
+
+
+def training_minutes(metrics_path: pathlib.Path) -> float:
+    """Each training record's steps since the previous record of its phase, over its steps/s, summed."""
+    seconds, last_step = 0.0, {}
+    for line in metrics_path.read_text().splitlines():
+        record = json.loads(line)
+        if "steps_per_s" in record:
+            phase = record["phase"]
+            seconds += (record["step"] - last_step.get(phase, 0)) / record["steps_per_s"]
+            last_step[phase] = record["step"]
+    return seconds / 60
+
+
+def evaluation_minutes(log_path: pathlib.Path, method: str) -> float | None:
+    """The method's "evaluated in" times from main.py's log; an evaluation redone after a resume counts once
+    (the last one of each number of tasks). None when there is no log."""
+    if not log_path.exists():
+        return None
+    pattern = re.compile(rf"\[kif_jax\] {re.escape(method)}: evaluated in (?:(\d+)m)?(\d+)s: (.*)$")
+    by_tasks = {}
+    for line in log_path.read_text().splitlines():
+        match = pattern.search(line)
+        if match:
+            by_tasks[match[3].count(",") + 1] = int(match[1] or 0) * 60 + int(match[2])
+    return sum(by_tasks.values()) / 60
+
+
+def methods_of(directory: pathlib.Path) -> list[str]:
+    return sorted((p.parent.name for p in directory.glob("*/results.json")),
+                  key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
+
+
+def result_row(directory: pathlib.Path, method: str) -> str:
+    """One row of the results table, as the README shows it."""
+    order = directory.name.rsplit("_o", 1)[-1]
+    r = json.loads((directory / method / "results.json").read_text())
+    diagonal = [v for v in r.get("learned_accuracy") or [] if v is not None]
+    learned = sum(diagonal) / len(diagonal) if len(diagonal) == len(r["tasks"]) else None
+    final = ", ".join(pct(v) for v in r["final_accuracy"])
+    train = training_minutes(directory / method / "metrics.jsonl")
+    evaluation = evaluation_minutes(directory / "run.log", method)
+    time = f"{train:.0f} + {evaluation:.0f} min" if evaluation is not None else f"{train:.0f} min training"
+    return (f"| {order} | {NAMES.get(method, method)} | {pct(r['op'])} | {pct(r.get('bwt'))} | {pct(r.get('avg'))} | "
+            f"{pct(learned)} | {final} | {time} |")
 
 
 def rows_of(directory: pathlib.Path, baseline: str) -> dict:
@@ -28,26 +77,28 @@ def rows_of(directory: pathlib.Path, baseline: str) -> dict:
 
 
 def main(dirs):
-    print("| order | method | OP | BWT | Avg | learned |\n|---|---|---|---|---|---|")
     diffs = []
     for d in map(pathlib.Path, dirs):
-        order = d.name.rsplit("_o", 1)[-1]
-        methods = sorted((p.parent.name for p in d.glob("*/results.json")),
-                         key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
+        methods = methods_of(d)
+        if not methods:
+            continue
+        tasks = json.loads((d / methods[0] / "results.json").read_text())["tasks"]
+        print(f"| order | method | OP | BWT | Avg | learned | accuracy after the last task ({', '.join(tasks)}) "
+              "| time (train + eval) |\n|---|---|---|---|---|---|---|---|")
         for m in methods:
-            r = json.loads((d / m / "results.json").read_text())
-            diagonal = [v for v in r.get("learned_accuracy") or [] if v is not None]
-            learned = sum(diagonal) / len(diagonal) if len(diagonal) == len(r["tasks"]) else None
-            print(f"| {order} | {m} | {pct(r['op'])} | {pct(r.get('bwt'))} | {pct(r.get('avg'))} | {pct(learned)} |")
+            print(result_row(d, m))
+        print()
+        order = d.name.rsplit("_o", 1)[-1]
         for baseline in ("seq_lora", "replay"):
             for (m, metric), row in rows_of(d, baseline).items():
                 diffs.append((order, m, baseline, metric, row))
-    print("\n| order | method | vs | metric | difference | 95% interval | resolved |\n|---|---|---|---|---|---|---|")
+    if diffs:
+        print("| order | method | vs | metric | difference | 95% interval | resolved |\n|---|---|---|---|---|---|---|")
     for order, m, baseline, metric, row in diffs:
         lo, hi = row["ci_low"], row["ci_high"]
         resolved = "yes" if lo > 0 or hi < 0 else "no"
-        print(f"| {order} | {m} | {baseline} | {metric} | {100 * row['estimate']:+.1f} | "
-              f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {resolved} |")
+        print(f"| {order} | {NAMES.get(m, m)} | {NAMES.get(baseline, baseline)} | {metric} | "
+              f"{100 * row['estimate']:+.1f} | [{100 * lo:+.1f}, {100 * hi:+.1f}] | {resolved} |")
 
 
 if __name__ == "__main__":
