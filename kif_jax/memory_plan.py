@@ -23,6 +23,7 @@ import jax
 from absl import logging
 from jax.sharding import Mesh
 
+from kif_jax.models.family import LOSS_CHUNK
 from kif_jax.sharding import BATCH_AXES, TENSOR_AXIS, batch_spec, per_device_bytes
 
 
@@ -34,7 +35,8 @@ def activation_bytes(model_config: Any, *, micro_batch_size: int, input_length: 
     q/k/v/o inputs) + 2 * d_ff (MLP) values, and 2 * heads * length attention scores and probabilities;
     split by the `tensor` axis where heads and MLP are. "full" remat keeps each layer's input and one
     layer's tensors; the other policies are counted like "none" (an upper bound). Plus the float32
-    logits and their gradient.
+    logits and their gradient where the loss builds them: T5 over the target positions; a decoder over
+    one chunk of `LOSS_CHUNK` labelled positions a row (its loss never holds [rows, length, vocab]).
     """
     g = lambda *names: next((getattr(model_config, n) for n in names if getattr(model_config, n, None)), 0)  # noqa: E731
     d, ff, heads, vocab = g("d_model", "hidden_size"), g("d_ff", "intermediate_size"), \
@@ -47,7 +49,9 @@ def activation_bytes(model_config: Any, *, micro_batch_size: int, input_length: 
     t = mesh.shape.get(TENSOR_AXIS, 1)
     per_layer = rows * length * itemsize * (8 * d + (2 * ff + 2 * heads * length) / t)
     kept = layers * rows * length * d * itemsize + per_layer if remat == "full" else layers * per_layer
-    logits = 2 * rows * length * vocab * 4 / t
+    encoder_decoder = getattr(model_config, "num_decoder_layers", None) is not None
+    logit_positions = target_length if encoder_decoder else min(LOSS_CHUNK, length)
+    logits = 2 * rows * logit_positions * vocab * 4 / t
     return int(kept + logits)
 
 

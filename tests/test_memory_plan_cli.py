@@ -64,8 +64,17 @@ def test_13b_pod_plan(pod, devices):
     assert b["trainable"] == trainable
     assert b["optimizer"] == 2 * trainable + 4  # AdamW mu and nu, and its int32 step count
     assert b["importance"] == 4 * trainable + 2 * 4  # S and U EMAs of inner and outer, and their counts
-    assert b["activations"] > 0
+    # bf16, remat none, 32 rows over the devices, 512 + 32 positions: 40 layers of 8 d + 2 ff + 2 heads * length
+    # values a token, and the float32 logits (and their gradient) of one 16-position chunk of the decoder loss.
+    rows, length = 32 // devices, 512 + 32
+    layer = rows * length * 2 * (8 * 5120 + 2 * 13824 + 2 * 40 * length)
+    assert b["activations"] == 40 * layer + 2 * rows * 16 * 32000 * 4
     assert b["total"] == sum(v for k, v in b.items() if k != "total")
+    readme = (ROOT / "README.md").read_text()
+    row = (f"| {devices} ({'v4-32' if devices == 16 else 'v5e-32'}) | " + " | ".join(
+        f"{b[k]:,}" for k in ("frozen", "trainable", "optimizer", "importance", "activations"))
+        + f" | {b['total'] / 2**30:.2f} GiB | ")
+    assert row in readme, row
 
 
 def test_other_methods_size_their_own_states(pod):
