@@ -27,16 +27,25 @@ from kif_jax.models.family import LOSS_CHUNK
 from kif_jax.sharding import BATCH_AXES, TENSOR_AXIS, batch_spec, per_device_bytes
 
 
+def loss_logit_positions(model: Any, *, input_length: int, target_length: int) -> int:
+    """Positions a row whose float32 logits the training loss holds at once: T5's target positions; a
+    decoder's one chunk of `LOSS_CHUNK` labelled positions, or every position when its head is not a
+    plain matmul (`DecoderLM.plain_head`)."""
+    if not hasattr(model, "plain_head"):  # encoder-decoder: logits over the decoder's target positions
+        return target_length
+    length = input_length + target_length
+    return min(LOSS_CHUNK, length) if model.plain_head else length
+
+
 def activation_bytes(model_config: Any, *, micro_batch_size: int, input_length: int, target_length: int,
-                     itemsize: int, remat: str, mesh: Mesh) -> int:
+                     itemsize: int, remat: str, mesh: Mesh, logit_positions: int) -> int:
     """Rough per-device bytes of what one micro-batch's backward pass keeps alive.
 
     Per layer and token (Korthikanti et al. 2022, without dropout masks): about 8 * d (norms, residual,
     q/k/v/o inputs) + 2 * d_ff (MLP) values, and 2 * heads * length attention scores and probabilities;
     split by the `tensor` axis where heads and MLP are. "full" remat keeps each layer's input and one
     layer's tensors; the other policies are counted like "none" (an upper bound). Plus the float32
-    logits and their gradient where the loss builds them: T5 over the target positions; a decoder over
-    one chunk of `LOSS_CHUNK` labelled positions a row (its loss never holds [rows, length, vocab]).
+    logits and their gradient at the `logit_positions` a row the loss holds (`loss_logit_positions`).
     """
     g = lambda *names: next((getattr(model_config, n) for n in names if getattr(model_config, n, None)), 0)  # noqa: E731
     d, ff, heads, vocab = g("d_model", "hidden_size"), g("d_ff", "intermediate_size"), \
@@ -49,8 +58,6 @@ def activation_bytes(model_config: Any, *, micro_batch_size: int, input_length: 
     t = mesh.shape.get(TENSOR_AXIS, 1)
     per_layer = rows * length * itemsize * (8 * d + (2 * ff + 2 * heads * length) / t)
     kept = layers * rows * length * d * itemsize + per_layer if remat == "full" else layers * per_layer
-    encoder_decoder = getattr(model_config, "num_decoder_layers", None) is not None
-    logit_positions = target_length if encoder_decoder else min(LOSS_CHUNK, length)
     logits = 2 * rows * logit_positions * vocab * 4 / t
     return int(kept + logits)
 

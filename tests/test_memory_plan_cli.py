@@ -127,3 +127,18 @@ def test_module_entry_point():
     done = subprocess.run([sys.executable, "-m", "kif_jax.memory_plan", f"--config={POD}", "--devices=0"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip() == "error: --devices must be a positive integer, got 0"
+
+
+@pytest.mark.parametrize("name,targets,want", [
+    ("tiny", "q,v", 8),  # T5: logits over its 8 target positions
+    ("tiny-decoder", "q_proj,v_proj", 16),  # tied head: one 16-position chunk of labelled positions
+    ("llama-2-7b", "q_proj,v_proj", 16),  # untied lm_head, a plain matmul: the same
+    ("llama-2-7b", "q_proj,v_proj,lm_head", 40),  # LoRA on lm_head: logits at every position
+])
+def test_activation_estimate_counts_the_logits_the_loss_builds(name, targets, want):
+    from kif_jax.memory_plan import loss_logit_positions
+
+    config = _config(ROOT / "tests" / "tiny_config.py")
+    config.model.name, config.model.lora.targets = name, targets
+    model, _, _ = abstract_model(config.model, seed=0)  # shapes only
+    assert loss_logit_positions(model, input_length=32, target_length=8) == want

@@ -764,12 +764,18 @@ class DecoderLM(nnx.Module):
                                rngs=rngs)
         return h
 
+    @property
+    def plain_head(self) -> bool:
+        """The head is a plain matmul (tied, or lm_head without LoRA or bias): the loss needs logits only
+        at labelled positions (`kif_jax.models.family`); otherwise it builds them at every position."""
+        return self.config.tie_word_embeddings or not (self.lm_head.has_lora or self.lm_head.use_bias)
+
     def output_head(self) -> OutputHead | None:
-        """The head as data when it is a plain matmul (tied, or lm_head without LoRA or bias); else None."""
+        """The head as data when it is a plain matmul (`plain_head`); else None."""
         softcap = self.config.final_logit_softcapping
         if self.config.tie_word_embeddings:
             return OutputHead(self.model.embed_tokens.embedding[...].astype(self.dtype), True, softcap)
-        if self.lm_head.has_lora or self.lm_head.use_bias:
+        if not self.plain_head:
             return None
         return OutputHead(self.lm_head.kernel[...].astype(self.dtype), False, softcap)
 
