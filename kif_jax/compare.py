@@ -17,6 +17,10 @@ row of the matrix (every evaluation of a task reads the same examples). The draw
 resolved when its interval excludes 0. Per task, the final accuracies are also compared by an exact
 two-sided McNemar test on the examples one method gets right and the other wrong.
 
+Each method's own metrics also get intervals from the same draws (`WORKDIR/report/intervals.json`, rows
+`{"method", "metric", "estimate", "ci_low", "ci_high", "resamples"}`, and intervals.md); a workdir with one
+finished method gets these alone.
+
 Output: `WORKDIR/report/paired_comparison.json`, a list of rows
 `{"method", "baseline", "metric", "estimate", "ci_low", "ci_high", "resamples"}`, then one row per
 method and task `{"method", "baseline", "metric": "mcnemar", "task", "estimate" (final-accuracy
@@ -137,6 +141,46 @@ def _check_paired(a: MethodPredictions, b: MethodPredictions) -> None:
                             f"{a.tasks[task]}")
 
 
+def _bootstrap_matrices(methods: Sequence[MethodPredictions], sizes: Sequence[int], resamples: int,
+                        seed: int) -> dict[str, np.ndarray]:
+    """Bootstrap accuracy matrices [resamples, B, B] of every method (NaN where not evaluated), from one
+    draw per task and chunk shared by all of them; task j has `sizes[j]` evaluated examples."""
+    b = len(sizes)
+    boot = {m.name: np.full((resamples, b, b), np.nan) for m in methods}
+    rng = np.random.default_rng(seed)
+    for start in range(0, resamples, _CHUNK):
+        stop = min(resamples, start + _CHUNK)
+        for j, n in enumerate(sizes):
+            weights = rng.multinomial(n, np.full(n, 1.0 / n), size=stop - start) / n  # [chunk, n]
+            for m in methods:
+                for (row, task), hits in m.correct.items():
+                    if task == j:
+                        boot[m.name][start:stop, row, j] = weights @ hits.astype(np.float64)
+    return boot
+
+
+def intervals(methods: Sequence[MethodPredictions], *, resamples: int = 10_000, seed: int = 0) -> list[dict]:
+    """Each method's own metrics with 95% percentile bootstrap intervals over its test examples, stratified
+    by task (the draws of `compare` with the same seed): rows {"method", "metric", "estimate", "ci_low",
+    "ci_high", "resamples"}, the rows of intervals.json."""
+    if resamples < 1:
+        raise DataError(f"--resamples must be positive, got {resamples}")
+    sizes = {m.name: tuple(len(m.examples[j]) for j in range(len(m.tasks))) for m in methods}
+    boot = {}  # one draw per set of task sizes: the same draws a method would get alone
+    for group in dict.fromkeys(sizes.values()):
+        boot.update(_bootstrap_matrices([m for m in methods if sizes[m.name] == group], group, resamples, seed))
+    rows = []
+    for m in methods:
+        for metric in ("op",) if m.joint else METRICS:
+            estimate = float(_metric(metric, m.matrix()))
+            if not math.isfinite(estimate):
+                continue
+            low, high = (float(v) for v in np.percentile(_metric(metric, boot[m.name]), [2.5, 97.5]))
+            rows.append({"method": m.name, "metric": metric, "estimate": estimate, "ci_low": low, "ci_high": high,
+                         "resamples": resamples})
+    return rows
+
+
 def compare(methods: Sequence[MethodPredictions], baseline: str, *, resamples: int = 10_000,
             seed: int = 0) -> list[dict]:
     """The rows of paired_comparison.json for every method against `baseline` (see the module doc)."""
@@ -150,18 +194,7 @@ def compare(methods: Sequence[MethodPredictions], baseline: str, *, resamples: i
     for m in others:
         _check_paired(m, base)
     b = len(base.tasks)
-    sizes = [len(base.examples[j]) for j in range(b)]
-    # Bootstrap matrices [resamples, B, B] of every method, from one shared draw per task and chunk.
-    boot = {m.name: np.full((resamples, b, b), np.nan) for m in methods}
-    rng = np.random.default_rng(seed)
-    for start in range(0, resamples, _CHUNK):
-        stop = min(resamples, start + _CHUNK)
-        for j, n in enumerate(sizes):
-            weights = rng.multinomial(n, np.full(n, 1.0 / n), size=stop - start) / n  # [chunk, n]
-            for m in methods:
-                for (row, task), hits in m.correct.items():
-                    if task == j:
-                        boot[m.name][start:stop, row, j] = weights @ hits.astype(np.float64)
+    boot = _bootstrap_matrices(methods, [len(base.examples[j]) for j in range(b)], resamples, seed)
     rows: list[dict] = []
     for m in others:
         names = ("op",) if m.joint or base.joint else METRICS
@@ -188,6 +221,14 @@ def resolved(row: dict) -> bool:
     return row["ci_low"] > 0 or row["ci_high"] < 0
 
 
+def intervals_markdown(rows: Sequence[dict]) -> str:
+    """Each method's metrics (points) with their 95% intervals."""
+    lines = ["| method | metric | estimate (points) | 95% interval |", "|---|---|---:|---|"]
+    lines += [f"| {r['method']} | {r['metric']} | {100 * r['estimate']:.1f} | "
+              f"[{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] |" for r in rows]
+    return "\n".join(lines)
+
+
 def markdown(rows: Sequence[dict]) -> str:
     """The rows as markdown: differences in points with their 95% intervals, then the McNemar tests."""
     lines = ["| method | baseline | metric | difference (points) | 95% interval | resolved |",
@@ -208,8 +249,8 @@ def markdown(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def load_workdir(workdir: pathlib.Path) -> list[MethodPredictions]:
-    """Every finished method of a run (a results.json), with its predictions, in name order."""
+def load_workdir(workdir: pathlib.Path, *, minimum: int = 2) -> list[MethodPredictions]:
+    """Every finished method of a run (a results.json), with its predictions, in name order; at least `minimum`."""
     if not workdir.is_dir():
         raise DataError(f"{workdir}: no such run directory")
     out = []
@@ -220,8 +261,8 @@ def load_workdir(workdir: pathlib.Path) -> list[MethodPredictions]:
             raise DataError(f"{results_path}: unreadable results ({type(err).__name__}: {err})") from None
         name = results_path.parent.name
         out.append(load_predictions(results_path.parent / PREDICTIONS_FILE, name, tasks))
-    if len(out) < 2:
-        raise DataError(f"{workdir}: {len(out)} finished method(s); a comparison needs two")
+    if len(out) < minimum:
+        raise DataError(f"{workdir}: {len(out)} finished method(s); {'a comparison needs two' if minimum == 2 else 'none'}")
     return out
 
 
@@ -250,6 +291,19 @@ def write_comparison(workdir: str | pathlib.Path, *, baseline: str | None = None
     return path, rows
 
 
+def write_intervals(workdir: str | pathlib.Path, *, resamples: int = 10_000,
+                    seed: int = 0) -> tuple[pathlib.Path, list[dict]]:
+    """Each finished method's own intervals (`intervals`); write report/intervals.{json,md}."""
+    workdir = pathlib.Path(workdir)
+    rows = intervals(load_workdir(workdir, minimum=1), resamples=resamples, seed=seed)
+    outdir = workdir / REPORT_DIR
+    outdir.mkdir(parents=True, exist_ok=True)
+    path = outdir / "intervals.json"
+    path.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    (outdir / "intervals.md").write_text(intervals_markdown(rows) + "\n", encoding="utf-8")
+    return path, rows
+
+
 def _previous_rows(path: pathlib.Path) -> list[dict]:
     """The rows an earlier comparison wrote to `path` (none if it is missing or unreadable)."""
     try:
@@ -261,19 +315,26 @@ def _previous_rows(path: pathlib.Path) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kif_jax.compare", description=__doc__.splitlines()[0])
-    parser.add_argument("workdir", help="the --workdir of a run with two or more finished methods")
+    parser.add_argument("workdir", help="the --workdir of a run with finished methods")
     parser.add_argument("--baseline", default=None, help="the method every other one is compared with "
                         "(default: seq_lora if present, else the first by name)")
     parser.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
     args = parser.parse_args(argv)
     try:
-        path, rows = write_comparison(args.workdir, baseline=args.baseline, resamples=args.resamples, seed=args.seed)
+        own_path, own = write_intervals(args.workdir, resamples=args.resamples, seed=args.seed)
+        paired = len({r["method"] for r in own}) > 1
+        if paired:
+            path, rows = write_comparison(args.workdir, baseline=args.baseline, resamples=args.resamples,
+                                          seed=args.seed)
     except KifError as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
-    print(markdown(rows))
-    print(f"\npaired comparison in {path}")
+    print(intervals_markdown(own) + f"\n\neach method's intervals in {own_path}")
+    if paired:
+        print("\n" + markdown(rows) + f"\n\npaired comparison in {path}")
+    else:
+        print("one finished method: no paired comparison")
     return 0
 
 

@@ -129,3 +129,40 @@ def test_one_line_errors(tmp_path, capsys):
                         "ewc")
     assert compare.main([str(tmp_path / "missing")]) == 2
     assert "no such run directory" in capsys.readouterr().err
+
+
+def test_each_methods_own_intervals_by_hand(tmp_path, capsys):
+    """A workdir with one finished method gets its own intervals; the OP interval of a one-task run is the
+    percentile interval of the mean over the same multinomial draws, recomputed here."""
+    hits = [True] * 30 + [False] * 10
+    write_method(tmp_path, "seq_lora", {(0, 0): hits}, tasks=["a"])
+    assert compare.main([str(tmp_path), "--resamples", "700", "--seed", "4"]) == 0
+    assert "one finished method: no paired comparison" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "report" / "intervals.json").read_text())
+    op = {r["metric"]: r for r in rows}["op"]
+    rng = np.random.default_rng(4)
+    draws = np.concatenate([rng.multinomial(40, np.full(40, 1 / 40), size=k) / 40 for k in (500, 200)])
+    want = np.percentile(draws @ np.array(hits, float), [2.5, 97.5])
+    assert op["estimate"] == 0.75 and [op["ci_low"], op["ci_high"]] == pytest.approx(want.tolist())
+    assert op["ci_low"] < 0.75 < op["ci_high"] and {r["metric"] for r in rows} == {"op", "avg", "learned"}
+    assert not (tmp_path / "report" / "paired_comparison.json").exists()
+
+
+def test_intervals_of_each_method_beside_the_paired_ones(tmp_path):
+    write_method(tmp_path, "seq_lora", as_bool(BASE))
+    write_method(tmp_path, "recurrent_kif", as_bool(METHOD))
+    write_method(tmp_path, "mtl", as_bool({(0, 0): [1, 1, 0, 0], (0, 1): [1, 1, 1, 0]}), joint=True)
+    _, rows = compare.write_intervals(tmp_path, resamples=300)
+    got = {(r["method"], r["metric"]): r for r in rows}
+    assert got[("recurrent_kif", "op")]["estimate"] == 0.875 and got[("seq_lora", "bwt")]["estimate"] == -0.5
+    assert [m for m, metric in got if m == "mtl"] == ["mtl"]  # a joint method: its op only
+    for r in rows:
+        assert r["ci_low"] <= r["estimate"] <= r["ci_high"] and r["resamples"] == 300
+    # recurrent_kif gets the same examples of task a right after both tasks: one draw serves every row of the
+    # matrix, so its BWT is 0 in every resample; SeqLoRA forgets examples 1 and 2 and gains none, so no
+    # resample gives it a BWT above 0 (one with neither of them, 1/16 of them, gives 0).
+    assert (got[("recurrent_kif", "bwt")]["ci_low"], got[("recurrent_kif", "bwt")]["ci_high"]) == (0, 0)
+    assert got[("seq_lora", "bwt")]["ci_high"] == 0 and got[("seq_lora", "bwt")]["ci_low"] < 0
+    alone = tmp_path / "alone"
+    write_method(alone, "seq_lora", as_bool(BASE))  # a method's intervals do not depend on the others in its run
+    assert compare.write_intervals(alone, resamples=300)[1] == [r for r in rows if r["method"] == "seq_lora"]

@@ -5,14 +5,17 @@
 Each directory holds `<method>/results.json`, `<method>/predictions.jsonl` and `<method>/metrics.jsonl`, and the
 order's `run.log` (main.py's progress lines); `python -m kif_jax.compare DIR` and `python -m kif_jax.compare DIR
 --baseline replay` are run first (they write DIR/report/). Prints markdown: per order and method, OP / BWT / Avg /
-learned accuracy (%), the accuracies after the last task and the time (training from metrics.jsonl, evaluation
-from run.log), then each difference from SeqLoRA and from Replay with its 95% interval (points), marked resolved
+learned accuracy (%), OP with its 95% bootstrap interval over test examples (kif_jax.compare.intervals), the
+accuracies after the last task and the time (training from metrics.jsonl, evaluation from run.log), then each
+difference from SeqLoRA and from Replay with its 95% interval (points), marked resolved
 where the interval excludes 0.
 """
 import json
 import pathlib
 import re
 import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # kif_jax from this checkout
 
 METRICS = ("op", "bwt", "avg", "learned")
 ORDER = ("seq_lora", "replay", "recurrent_kif", "mtl", "migu")
@@ -54,7 +57,15 @@ def methods_of(directory: pathlib.Path) -> list[str]:
                   key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
 
 
-def result_row(directory: pathlib.Path, method: str) -> str:
+def op_intervals(directory: pathlib.Path) -> dict[str, tuple[float, float]]:
+    """Each method's OP interval: `python -m kif_jax.compare`'s bootstrap (10,000 resamples, seed 0)."""
+    from kif_jax import compare
+
+    rows = compare.intervals(compare.load_workdir(directory, minimum=1))
+    return {r["method"]: (r["ci_low"], r["ci_high"]) for r in rows if r["metric"] == "op"}
+
+
+def result_row(directory: pathlib.Path, method: str, op_interval: tuple[float, float]) -> str:
     """One row of the results table, as the README shows it."""
     order = directory.name.rsplit("_o", 1)[-1]
     r = json.loads((directory / method / "results.json").read_text())
@@ -64,7 +75,8 @@ def result_row(directory: pathlib.Path, method: str) -> str:
     train = training_minutes(directory / method / "metrics.jsonl")
     evaluation = evaluation_minutes(directory / "run.log", method)
     time = f"{train:.0f} + {evaluation:.0f} min" if evaluation is not None else f"{train:.0f} min training"
-    return (f"| {order} | {NAMES.get(method, method)} | {pct(r['op'])} | {pct(r.get('bwt'))} | {pct(r.get('avg'))} | "
+    op = f"{pct(r['op'])} [{pct(op_interval[0])}, {pct(op_interval[1])}]"
+    return (f"| {order} | {NAMES.get(method, method)} | {op} | {pct(r.get('bwt'))} | {pct(r.get('avg'))} | "
             f"{pct(learned)} | {final} | {time} |")
 
 
@@ -83,10 +95,11 @@ def main(dirs):
         if not methods:
             continue
         tasks = json.loads((d / methods[0] / "results.json").read_text())["tasks"]
-        print(f"| order | method | OP | BWT | Avg | learned | accuracy after the last task ({', '.join(tasks)}) "
+        print(f"| order | method | OP [95% interval] | BWT | Avg | learned | accuracy after the last task ({', '.join(tasks)}) "
               "| time (train + eval) |\n|---|---|---|---|---|---|---|---|")
+        op = op_intervals(d)
         for m in methods:
-            print(result_row(d, m))
+            print(result_row(d, m, op[m]))
         print()
         order = d.name.rsplit("_o", 1)[-1]
         for baseline in ("seq_lora", "replay"):

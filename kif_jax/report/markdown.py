@@ -59,10 +59,11 @@ def _fusion_table(fusions: Sequence[tuple[dict, dict]]) -> list[str]:
 
 
 def build_report(methods: Sequence[MethodData], outdir: pathlib.Path, *, title: str,
-                 unfinished: Sequence[str] = (), paired: str = "") -> pathlib.Path:
+                 unfinished: Sequence[str] = (), paired: str = "", own: str = "") -> pathlib.Path:
     """Write report.md and its figures into `outdir` (stale PNGs there are removed); returns report.md's path.
 
-    `paired`: the markdown of `kif_jax.compare` (differences with 95% intervals), or why there is none."""
+    `paired`: the markdown of `kif_jax.compare` (differences with 95% intervals), or why there is none;
+    `own`: `kif_jax.compare.intervals_markdown` (each method's metrics with their intervals), or empty."""
     outdir.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
 
@@ -95,6 +96,9 @@ def build_report(methods: Sequence[MethodData], outdir: pathlib.Path, *, title: 
         r = m.results
         o, b, f = (r.get(k, None) for k in ("op", "bwt", "fwt"))
         md.append(f"| {m.name} | {_pct(o)} | {_pct(b, True)} | {_pct(f, True)} |")
+    if own:
+        md += ["", "Each method's metrics (points) with a 95% percentile bootstrap interval over its test "
+               "examples, stratified by task (`python -m kif_jax.compare`):", "", own]
     if paired:
         md += ["", "## Paired differences on the same test examples", "",
                "Each method minus the baseline, in points, with a 95% percentile bootstrap interval over the "
@@ -160,16 +164,20 @@ def write_report(workdir: str | pathlib.Path, *, skip_unfinished: bool = False) 
     """Build `<workdir>/report/` from the run's files; returns the path of report.md."""
     workdir = pathlib.Path(workdir)
     methods, unfinished = load_run(workdir, skip_unfinished=skip_unfinished)
-    paired = ""
-    if len(methods) > 1:
-        from kif_jax import compare
+    from kif_jax import compare
 
+    paired, own = "", ""
+    try:
+        own = compare.intervals_markdown(compare.write_intervals(workdir)[1])
+    except DataError:  # runs written before per-example predictions: no intervals, the tables still stand
+        pass
+    if len(methods) > 1:
         try:
             paired = compare.markdown(compare.write_comparison(workdir)[1])
         except DataError as err:
             paired = f"No paired comparison: {' '.join(str(err).split())}."
     return build_report(methods, workdir / REPORT_DIR, title=workdir.resolve().name, unfinished=unfinished,
-                        paired=paired)
+                        paired=paired, own=own)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
