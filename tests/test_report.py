@@ -101,6 +101,13 @@ def test_fusion_statistics_are_logged_compactly_and_agree_with_the_mask_shares(f
         assert len(line) < 400 + 50 * len(names)  # about 3 KB for SmolLM2's 60 leaves
     assert fusions[0]["kept_in"] is None  # the first fusion of the run has no previous mask
     assert 0 < fusions[1]["jaccard_in"] <= fusions[1]["kept_in"] <= 1
+    # The report's fusion table shows each task's mean task-vector sizes, the mean over its fusions.
+    md = (workdir / "report" / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith(f"| {fusions[0]['task']} | 2 | "))
+    shown = [float(v) for v in row.split("|")[3].split(";")]
+    for learner, value in zip(("in", "out"), shown):
+        assert value == pytest.approx(1e3 * np.mean([f[f"tau_{learner}_mean"] for f in fusions]), abs=5e-4)
+    assert shown[0] > 0 and shown[1] > 0
 
 
 def test_remembered_masks_survive_a_checkpoint_restore(finished_run, tmp_path):

@@ -29,10 +29,10 @@ def _fusion_table(fusions: Sequence[tuple[dict, dict]]) -> list[str]:
     by_task: dict[int, list[tuple[dict, dict]]] = {}
     for f in fusions:
         by_task.setdefault(f[0]["phase"], []).append(f)
-    lines = ["| task | fusions | important in / out (%) | m_in by factor (%) | m_out by factor (%) "
-             "| mean \\|tau\\| inside / outside the mask, in ; out | Jaccard with previous fusion, in ; out "
-             "| Jaccard at the task's first fusion, in ; out |",
-             "|---|---:|---|---|---|---|---|---|"]
+    lines = ["| task | fusions | mean \\|tau\\| (1e-3), in ; out | important in / out (%) | m_in by factor (%) "
+             "| m_out by factor (%) | mean \\|tau\\| inside / outside the mask, in ; out "
+             "| Jaccard with previous fusion, in ; out | Jaccard at the task's first fusion, in ; out |",
+             "|---|---:|---|---|---|---|---|---|---|"]
 
     def mean(values: Iterable[float]) -> float:
         v = [x for x in values if x is not None and math.isfinite(x)]
@@ -43,6 +43,8 @@ def _fusion_table(fusions: Sequence[tuple[dict, dict]]) -> list[str]:
 
     for phase, items in by_task.items():
         cells = [items[0][0]["task"], str(len(items))]
+        # The task vectors' sizes: how far each learner moved from the fused weights before this fusion.
+        cells.append(" ; ".join(num(1e3 * mean(r[f"tau_{x}_mean"] for r, _ in items), 3) for x in _LEARNERS))
         shares = {x: mean(_grouped(r[f"{x}_frac"], lay["sizes"], ["all"] * len(lay["sizes"]))["all"]
                           for r, lay in items) for x in _LEARNERS}
         cells.append(f"{_pct(shares['in'])} / {_pct(shares['out'])}")
