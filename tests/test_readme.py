@@ -69,7 +69,7 @@ def test_smollm2_table_is_what_the_committed_runs_give():
     names = {"SeqLoRA": "seq_lora", "Replay": "replay", "Recurrent-KIF": "recurrent_kif", "MTL": "mtl"}
     results = repo / "results"
     section = README.split("## A real pretrained LM, offline", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| (\d) \| (SeqLoRA|Replay|Recurrent-KIF|MTL) \| (.*) \|$", section, flags=re.M)
+    rows = re.findall(r"^\| (\d) \| (SeqLoRA|Replay|Recurrent-KIF|MTL) \| (\d.*) \|$", section, flags=re.M)
     assert rows, "the SmolLM2 section has no result rows"
     for order, shown_name, rest in rows:
         method = names[shown_name]
@@ -84,3 +84,16 @@ def test_smollm2_table_is_what_the_committed_runs_give():
         assert f"| {order} | {shown_name} | {rest} |" == table.result_row(workdir, method, op_interval)
         predictions = compare.load_predictions(workdir / method / "predictions.jsonl", method, r["tasks"])
         np.testing.assert_array_equal(predictions.matrix(), metrics.results_matrix(r))
+    # The difference tables: exactly the rows the tool prints from the committed comparisons, and those are
+    # what `python -m kif_jax.compare` writes from the committed predictions.
+    orders = sorted({order for order, _, _ in rows})
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        table.main([str(results / f"smollm2_o{order}") for order in orders])
+    diff_row = r"^\| \d \| [\w-]+ \| (?:SeqLoRA|Replay) \| \w+ \| .*\|$"
+    assert re.findall(diff_row, section, flags=re.M) == re.findall(diff_row, printed.getvalue(), flags=re.M)
+    for order in orders:
+        committed = json.loads((results / f"smollm2_o{order}" / "report" / "paired_comparison.json").read_text())
+        for baseline in {row["baseline"] for row in committed}:
+            fresh = compare.compare(compare.load_workdir(results / f"smollm2_o{order}"), baseline, resamples=10_000)
+            assert [row for row in committed if row["baseline"] == baseline] == fresh
