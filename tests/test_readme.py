@@ -93,7 +93,8 @@ def test_smollm2_table_is_what_the_committed_runs_give():
     diff_row = r"^\| \d \| [\w-]+ \| (?:SeqLoRA|Replay) \| \w+ \| .*\|$"
     assert re.findall(diff_row, section, flags=re.M) == re.findall(diff_row, printed.getvalue(), flags=re.M)
     for order in orders:
-        committed = json.loads((results / f"smollm2_o{order}" / "report" / "paired_comparison.json").read_text())
+        path = results / f"smollm2_o{order}" / "report" / "paired_comparison.json"
+        committed = json.loads(path.read_text()) if path.exists() else []  # none while one method has finished
         for baseline in {row["baseline"] for row in committed}:
             fresh = compare.compare(compare.load_workdir(results / f"smollm2_o{order}"), baseline, resamples=10_000)
             assert [row for row in committed if row["baseline"] == baseline] == fresh
