@@ -262,7 +262,7 @@ def load_workdir(workdir: pathlib.Path, *, minimum: int = 2) -> list[MethodPredi
         name = results_path.parent.name
         out.append(load_predictions(results_path.parent / PREDICTIONS_FILE, name, tasks))
     if len(out) < minimum:
-        raise DataError(f"{workdir}: {len(out)} finished method(s); {'a comparison needs two' if minimum == 2 else 'none'}")
+        raise DataError(f"{workdir}: {len(out)} finished method(s) (a <method>/results.json); {minimum} needed")
     return out
 
 

@@ -37,16 +37,19 @@ def loss_logit_positions(model: Any, *, input_length: int, target_length: int) -
     return min(LOSS_CHUNK, length) if model.plain_head else length
 
 
-def activation_bytes(model_config: Any, *, micro_batch_size: int, input_length: int, target_length: int,
-                     itemsize: int, remat: str, mesh: Mesh, logit_positions: int) -> int:
+def activation_bytes(model: Any, *, micro_batch_size: int, input_length: int, target_length: int,
+                     itemsize: int, remat: str, mesh: Mesh) -> int:
     """Rough per-device bytes of what one micro-batch's backward pass keeps alive.
 
     Per layer and token (Korthikanti et al. 2022, without dropout masks): about 8 * d (norms, residual,
     q/k/v/o inputs) + 2 * d_ff (MLP) values, and 2 * heads * length attention scores and probabilities;
     split by the `tensor` axis where heads and MLP are. "full" remat keeps each layer's input and one
     layer's tensors; the other policies are counted like "none" (an upper bound). Plus the float32
-    logits and their gradient at the `logit_positions` a row the loss holds (`loss_logit_positions`).
+    logits and their gradient at the positions a row the loss holds (`loss_logit_positions`).
+    `model` may be abstract (`jax.eval_shape`): only its config and head are read.
     """
+    model_config = model.config
+    logit_positions = loss_logit_positions(model, input_length=input_length, target_length=target_length)
     g = lambda *names: next((getattr(model_config, n) for n in names if getattr(model_config, n, None)), 0)  # noqa: E731
     d, ff, heads, vocab = g("d_model", "hidden_size"), g("d_ff", "intermediate_size"), \
         g("num_heads", "num_attention_heads"), g("vocab_size")

@@ -33,7 +33,7 @@ from kif_jax.data.batching import BatchIterator, collate
 from kif_jax.distributed import barrier, fetch, is_main
 from kif_jax.errors import ConfigError, KifError
 from kif_jax.evaluation import Evaluator
-from kif_jax.memory_plan import activation_bytes, loss_logit_positions, report_memory_plan
+from kif_jax.memory_plan import activation_bytes, report_memory_plan
 from kif_jax.methods import Method, method_class
 from kif_jax.models import family as models_family
 from kif_jax.models.family import ModelFamily
@@ -405,12 +405,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     programs = Programs(graphdef, family=family, lr=c.train.lr, warmup_steps=c.train.warmup_steps,
                         max_grad_norm=c.train.max_grad_norm, weight_decay=c.train.weight_decay,
                         prng_impl=c.train.prng_impl, mesh=mesh)
-    activations = activation_bytes(model.config, micro_batch_size=c.train.micro_batch_size,
+    activations = activation_bytes(model, micro_batch_size=c.train.micro_batch_size,
                                    input_length=c.train.max_input_length, target_length=c.train.max_target_length,
-                                   itemsize=2 if c.model.dtype == "bfloat16" else 4, remat=c.train.remat, mesh=mesh,
-                                   logit_positions=loss_logit_positions(
-                                       model, input_length=c.train.max_input_length,
-                                       target_length=c.train.max_target_length))
+                                   itemsize=2 if c.model.dtype == "bfloat16" else 4, remat=c.train.remat, mesh=mesh)
     evaluator = Evaluator(graphdef, family, tokenizer, batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens,
                           mesh=mesh, mode=c.eval.mode, max_target_length=c.train.max_target_length)
     ctx = RunContext(config=c, workdir=workdir, tasks=tasks, data=RunData(c, data_dir, family, tokenizer),

@@ -10,7 +10,7 @@ from jax.sharding import AbstractMesh, AxisType
 from kif_jax import data as kdata
 from kif_jax.config import SYNTHETIC_DATA, validate_config, with_method_sections
 from kif_jax.errors import ConfigError
-from kif_jax.memory_plan import activation_bytes, loss_logit_positions
+from kif_jax.memory_plan import activation_bytes
 from kif_jax.methods import method_class
 from kif_jax.models.family import abstract_model
 from kif_jax.models.layers import LoRAParam
@@ -40,12 +40,9 @@ def plan_abstract(config: Any, num_devices: int, method: str) -> tuple[dict, str
     model, arch, origin = abstract_model(c.model, seed=c.seed)
     trainable = LoRAParam if c.model.trainable == "lora" else nnx.Param
     _, params, frozen = nnx.split(model, trainable, ...)
-    activations = activation_bytes(arch, micro_batch_size=c.train.micro_batch_size,
+    activations = activation_bytes(model, micro_batch_size=c.train.micro_batch_size,
                                    input_length=c.train.max_input_length, target_length=c.train.max_target_length,
-                                   itemsize=2 if c.model.dtype == "bfloat16" else 4, remat=c.train.remat, mesh=mesh,
-                                   logit_positions=loss_logit_positions(
-                                       model, input_length=c.train.max_input_length,
-                                       target_length=c.train.max_target_length))
+                                   itemsize=2 if c.model.dtype == "bfloat16" else 4, remat=c.train.remat, mesh=mesh)
     run_method = method_class(method)(c)
     plan = plan_method_memory(run_method, params, frozen, mesh, num_phases=len(run_method.phases(tasks)),
                               tx=adam_transform(c.train.max_grad_norm, c.train.weight_decay), activations=activations)
