@@ -53,7 +53,8 @@ def test_demo_tables_are_what_main_prints(tmp_path):
 
 def test_smollm2_table_is_what_the_committed_runs_give():
     """Each row of the README's SmolLM2 table is what tools/smollm2_table.py prints from the committed run
-    (results.json: OP, BWT, Avg, learned, final accuracies; metrics.jsonl and run.log: the time), and that
+    (results.json: OP, BWT, Avg, learned, final accuracies; metrics.jsonl and run.log: the time; metrics.jsonl:
+    Recurrent-KIF's fusions), and that
     results.json's matrix is what its predictions.jsonl gives."""
     import importlib.util
     import json
@@ -92,6 +93,8 @@ def test_smollm2_table_is_what_the_committed_runs_give():
         table.main([str(results / f"smollm2_o{order}") for order in orders])
     diff_row = r"^\| \d \| [\w-]+ \| (?:SeqLoRA|Replay) \| \w+ \| .*\|$"
     assert re.findall(diff_row, section, flags=re.M) == re.findall(diff_row, printed.getvalue(), flags=re.M)
+    fusion_row = r"^\| \d \| \w+ \| \d+ \| [\d.]+ ; [\d.]+ \| .*\|$"  # Recurrent-KIF's fusions, per task
+    assert re.findall(fusion_row, section, flags=re.M) == re.findall(fusion_row, printed.getvalue(), flags=re.M)
     for order in orders:
         path = results / f"smollm2_o{order}" / "report" / "paired_comparison.json"
         committed = json.loads(path.read_text()) if path.exists() else []  # none while one method has finished

@@ -8,7 +8,8 @@ order's `run.log` (main.py's progress lines); `python -m kif_jax.compare DIR` an
 learned accuracy (%), OP with its 95% bootstrap interval over test examples (kif_jax.compare.intervals), the
 accuracies after the last task and the time (training from metrics.jsonl, evaluation from run.log), then each
 difference from SeqLoRA and from Replay with its 95% interval (points), marked resolved
-where the interval excludes 0.
+where the interval excludes 0, then per order and task Recurrent-KIF's fusions (`python -m kif_jax.report`'s table:
+task-vector sizes, mask shares, magnitude inside / outside the masks, mask overlaps).
 """
 import json
 import pathlib
@@ -88,8 +89,21 @@ def rows_of(directory: pathlib.Path, baseline: str) -> dict:
             if r["metric"] in METRICS and r["baseline"] == baseline}
 
 
+def fusion_rows(directory: pathlib.Path, method: str = "recurrent_kif") -> list[str]:
+    """The report's per-task fusion table for `method` (header first), each line led by the order's number."""
+    from kif_jax.report.markdown import fusion_table
+    from kif_jax.report.runs import load_run
+
+    data = {m.name: m for m in load_run(directory, skip_unfinished=True)[0]}
+    if method not in data or not data[method].fusions():
+        return []
+    order = directory.name.rsplit("_o", 1)[-1]
+    header, rule, *rows = fusion_table(data[method].fusions())
+    return ["| order " + header, "|---" + rule, *(f"| {order} " + row for row in rows)]
+
+
 def main(dirs):
-    diffs = []
+    diffs, fusions = [], []
     for d in map(pathlib.Path, dirs):
         methods = methods_of(d)
         if not methods:
@@ -102,6 +116,7 @@ def main(dirs):
             print(result_row(d, m, op[m]))
         print()
         order = d.name.rsplit("_o", 1)[-1]
+        fusions += fusion_rows(d)[0 if not fusions else 2:]
         for baseline in ("seq_lora", "replay"):
             for (m, metric), row in rows_of(d, baseline).items():
                 if m not in ("seq_lora", "replay") or baseline == "seq_lora":  # not SeqLoRA - Replay: its negation
@@ -113,6 +128,8 @@ def main(dirs):
         resolved = "yes" if lo > 0 or hi < 0 else "no"
         print(f"| {order} | {NAMES.get(m, m)} | {NAMES.get(baseline, baseline)} | {metric} | "
               f"{100 * row['estimate']:+.1f} | [{100 * lo:+.1f}, {100 * hi:+.1f}] | {resolved} |")
+    if fusions:
+        print("\n" + "\n".join(fusions))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def _pct(value: float | None, signed: bool = False) -> str:
     return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
 
 
-def _fusion_table(fusions: Sequence[tuple[dict, dict]]) -> list[str]:
+def fusion_table(fusions: Sequence[tuple[dict, dict]]) -> list[str]:
     """Per task: mask shares (overall and per factor), magnitude ratios, and mask overlaps."""
     by_task: dict[int, list[tuple[dict, dict]]] = {}
     for f in fusions:
@@ -141,7 +141,7 @@ def build_report(methods: Sequence[MethodData], outdir: pathlib.Path, *, title: 
         last_task = [i for i, (r, _) in enumerate(fusions) if r["phase"] == fusions[-1][0]["phase"]]
         pick = last_task[(len(last_task) - 1) // 2]
         md += [f"### {n}", ""]
-        md += _fusion_table(fusions)
+        md += fusion_table(fusions)
         md += ["", f"(a) Task-vector magnitude against importance, at fusion {pick + 1} (the middle of the last "
                "task) and over the sequence (a gap: no update of that learner, e.g. the outer steps of a "
                "task's last cycle, which the reference's schedule runs at learning rate 0):", "",
