@@ -13,8 +13,8 @@ def get_config():
     c.data_dir = default_data_dir()  # $KIF_DATA_DIR, else ../shared/cl_benchmark beside the checkout
     c.benchmark = "long"
     c.order = 1  # mnli, cb, wic, copa, qqp, boolqa, rte, imdb, yelp, amazon, sst-2, dbpedia, agnews, multirc, yahoo
-    c.model.name = "t5-large"  # preset: hub id t5-large, 144 LoRA modules on q and v
-    c.model.dtype = "bfloat16"  # TPU-native compute; LoRA factors are bf16 too (fusion math runs in float32)
+    c.model.name = "t5-large"  # preset: hub id google-t5/t5-large, 144 LoRA modules on q and v
+    c.model.dtype = "bfloat16"  # TPU-native compute; LoRA factors stay float32
     c.eval.batch_size = 64
     c.checkpoint.every_steps = 500  # a preemptible TPU VM loses at most ~500 steps
     return c

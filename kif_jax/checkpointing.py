@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jax
 import ml_collections
@@ -31,10 +31,11 @@ _NOT_FINGERPRINTED = ("checkpoint", "sharding", "methods", "eval.batch_size")
 STATE_LAYOUT = 2
 
 
-def config_fingerprint(config: ml_collections.ConfigDict) -> str:
-    """A hash of every field that affects results, to refuse resuming under a different config."""
+def config_fingerprint(config: ml_collections.ConfigDict, leave_out: Iterable[str] = ()) -> str:
+    """A hash of every field that affects results, to refuse resuming under a different config; `leave_out`:
+    further fields or sections the run does not read (other methods' sections)."""
     flat = json.loads(config.to_json_best_effort())
-    for name in _NOT_FINGERPRINTED:
+    for name in (*_NOT_FINGERPRINTED, *leave_out):
         node = flat
         *parents, leaf = name.split(".")
         for parent in parents:
@@ -46,9 +47,11 @@ def config_fingerprint(config: ml_collections.ConfigDict) -> str:
 class RunCheckpointer:
     """Save and restore (state, metadata) pairs under one directory, checking the config fingerprint."""
 
-    def __init__(self, directory: pathlib.Path, *, keep: int, fingerprint: str) -> None:
+    def __init__(self, directory: pathlib.Path, *, keep: int, fingerprint: str, also_accept: Iterable[str] = ()) -> None:
         self.directory = pathlib.Path(directory).absolute()
         self.fingerprint = fingerprint
+        # Fingerprints of the same config as earlier versions computed them (the whole config): still resumable.
+        self.accepted = {fingerprint, *also_accept}
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
                                                cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -119,7 +122,7 @@ class RunCheckpointer:
                 f"checkpoint {self.directory}/{step} holds a training state of layout {layout}, written by an "
                 f"earlier kif_jax; this one reads layout {STATE_LAYOUT} (each method's state apart): delete "
                 f"{self.directory} to start this method over, or use another --workdir")
-        if meta.get("config_fingerprint") != self.fingerprint:
+        if meta.get("config_fingerprint") not in self.accepted:
             raise CheckpointError(
                 f"checkpoint {self.directory}/{step} was written under a different config; "
                 "use another --workdir or the original config")

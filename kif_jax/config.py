@@ -102,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.max_examples_per_task = 0  # 0 = the whole test set
     c.eval.max_new_tokens = 8  # greedy decoding length (labels are a few tokens)
     # "generate": greedy decoding + exact match (the paper's metric, may produce no valid label);
-    # "score": the label option with the highest log-likelihood (always a valid label; faster)
+    # "score": the label option with the highest log-likelihood (always a valid label; not faster: README, Speed)
     c.eval.mode = "generate"
     c.eval.all_tasks = False  # also evaluate unseen tasks (fills R above the diagonal; enables FWT)
     # Which split the accuracy matrix is measured on: "test" (the reported numbers) or "dev" (to choose

@@ -1,5 +1,6 @@
 """The methods package: one registry that the config, its messages, the report and the memory plan read; a
 training loop that names no method; checkpoints of the earlier state layout refused in one line."""
+import copy
 import json
 import pathlib
 import re
@@ -8,10 +9,10 @@ import pytest
 
 import tiny_config
 from kif_jax import cli
-from kif_jax.checkpointing import STATE_LAYOUT
+from kif_jax.checkpointing import STATE_LAYOUT, config_fingerprint
 from kif_jax.config import base_config, field_docs, validate_config
 from kif_jax.errors import ConfigError
-from kif_jax.methods import builtin_names, method_class, sections
+from kif_jax.methods import builtin_names, method_class, sections, unrelated_sections
 from kif_jax.report.runs import _method_order
 from kif_jax.train import ResumePosition, train_and_evaluate
 
@@ -56,6 +57,33 @@ def test_the_training_loop_names_no_method():
         text = path.read_text()
         found = [n for n in names if re.search(rf"(?<![\w.]){re.escape(n)}(?![\w])", text, re.I)]
         assert not found, (path.name, found)
+
+
+def test_a_methods_checkpoints_ignore_the_other_methods_sections():
+    """Changing EWC's lambda keeps SeqLoRA's and Recurrent-KIF's finished runs; the kif section (Q, the memory
+    buffer) is every method's; `methods` itself is never fingerprinted."""
+    config = tiny_config.get_config()
+    config.methods = "seq_lora,recurrent_kif,ewc"
+
+    def fingerprints(c):
+        return {n: config_fingerprint(c, unrelated_sections(c, method_class(n))) for n in ("seq_lora", "recurrent_kif",
+                                                                                          "ewc")}
+
+    assert unrelated_sections(config, method_class("seq_lora")) == ["ewc", "migu", "o_lora", "tasl"]
+    assert unrelated_sections(config, method_class("ewc")) == ["migu", "o_lora", "tasl"]
+    before = fingerprints(config)
+    assert before["seq_lora"] == before["recurrent_kif"] != before["ewc"]  # both read the kif section, no other
+    other = copy.deepcopy(config)
+    other.ewc.lambda_ *= 2
+    after = fingerprints(other)
+    assert after["seq_lora"] == before["seq_lora"] and after["recurrent_kif"] == before["recurrent_kif"]
+    assert after["ewc"] != before["ewc"]
+    other = copy.deepcopy(config)
+    other.kif.inner_steps += 1
+    assert all(a != b for a, b in zip(fingerprints(other).values(), before.values()))
+    other = copy.deepcopy(config)
+    other.methods = "seq_lora"
+    assert fingerprints(other) == before
 
 
 def test_a_checkpoint_of_the_earlier_state_layout_is_refused_in_one_line(tmp_path, capsys):

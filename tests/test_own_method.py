@@ -28,11 +28,18 @@ def test_the_guide_shows_the_example_file_verbatim(document):
 
 
 def test_main_runs_a_method_from_its_own_module(tmp_path):
+    """Added to a workdir whose SeqLoRA run has finished, as the guide does after the demo: SeqLoRA's run stands."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(EXAMPLES), os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, str(REPO / "main.py"), f"--config={REPO / 'tests' / 'tiny_config.py'}",
-                           f"--workdir={tmp_path}", "--config.methods=seq_lora,my_methods:L2Anchor"],
-                          capture_output=True, text=True, cwd=REPO, timeout=900, env=env)
+
+    def main(methods):
+        return subprocess.run([sys.executable, str(REPO / "main.py"), f"--config={REPO / 'tests' / 'tiny_config.py'}",
+                               f"--workdir={tmp_path}", f"--config.methods={methods}"],
+                              capture_output=True, text=True, cwd=REPO, timeout=900, env=env)
+
+    assert main("seq_lora").returncode == 0
+    done = main("seq_lora,my_methods:L2Anchor")
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "seq_lora: nothing to run: finished" in done.stdout + done.stderr
     result = json.loads((tmp_path / "l2_anchor" / "results.json").read_text())
     assert result["method"] == "l2_anchor" and result["config"]["l2_anchor"] == {"strength": 100.0}
     assert "l2_anchor" in (tmp_path / "comparison.md").read_text()

@@ -14,6 +14,7 @@ import kif_jax
 import tiny_config
 from helpers import CORE_METHODS, kif_state, read_metrics, training_records
 from kif_jax import models
+from kif_jax.checkpointing import config_fingerprint
 from kif_jax.config import base_config
 from kif_jax.errors import CheckpointError, NonFiniteError
 from kif_jax.methods import Learner, Program
@@ -187,6 +188,13 @@ def test_finished_run_resumes_to_same_result_and_refuses_other_config(tmp_path):
     first = train_and_evaluate(config, tmp_path)["seq_lora"]
     again = train_and_evaluate(config, tmp_path)["seq_lora"]  # restored from the last checkpoint
     assert again["accuracy_matrix"] == first["accuracy_matrix"]
+    config.ewc.lambda_ *= 2  # another method's setting: SeqLoRA's run stands
+    assert train_and_evaluate(config, tmp_path)["seq_lora"]["accuracy_matrix"] == first["accuracy_matrix"]
+    # Checkpoints an earlier kif_jax wrote carry the whole config's fingerprint: resumable under that config.
+    for metadata in (tmp_path / "seq_lora" / "checkpoints").glob("*/meta/metadata"):
+        meta = json.loads(metadata.read_text())
+        metadata.write_text(json.dumps(dict(meta, config_fingerprint=config_fingerprint(config))))
+    assert train_and_evaluate(config, tmp_path)["seq_lora"]["accuracy_matrix"] == first["accuracy_matrix"]
     config.train.lr = 5e-3
     with pytest.raises(CheckpointError, match="different config"):
         train_and_evaluate(config, tmp_path)

@@ -124,6 +124,9 @@ class Method:
     name: ClassVar[str] = ""
     #: The config section this method reads its settings from (variants of one method share it), or None.
     section: ClassVar[str | None] = None
+    #: Other methods' sections this one reads too: every method cycles at Recurrent-KIF's Q (`kif.inner_steps`),
+    #: and Replay's buffer is the outer learner's (`kif.memory_ratio`). Its checkpoints ignore all other sections.
+    shared_sections: ClassVar[tuple[str, ...]] = ("kif",)
 
     def __init__(self, config: ml_collections.ConfigDict) -> None:
         self.config = config

@@ -10,6 +10,9 @@ from __future__ import annotations
 import importlib
 from typing import Iterable
 
+import ml_collections
+
+from kif_jax.config import split_list
 from kif_jax.errors import ConfigError
 from kif_jax.methods.base import Method
 
@@ -97,3 +100,13 @@ def sections() -> dict[str, type[Method]]:
         if cls.section and cls.section not in owners:
             owners[cls.section] = cls
     return owners
+
+
+def unrelated_sections(config: ml_collections.ConfigDict, cls: type[Method]) -> list[str]:
+    """The config sections a run of `cls` does not read: every other method's (built-in, registered or named in
+    `config.methods`), less its own and its `shared_sections`. Its checkpoints' fingerprint leaves them out, so
+    adding a method to a workdir, or changing another method's settings, keeps the finished runs there."""
+    owned = set(sections()) | {c.section for c in _REGISTRY.values() if c.section}
+    owned |= {c.section for c in resolve(split_list(config.methods)) if c.section}
+    keep = {cls.section, *cls.shared_sections}
+    return sorted(s for s in owned - keep if s in config)

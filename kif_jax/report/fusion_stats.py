@@ -16,7 +16,7 @@ arrays, never copies of parameters; the records are:
    "jaccard_in", "jaccard_out": |prev & cur| / |prev | cur| against the previous fusion's mask,
    "kept_in", "kept_out": |prev & cur| / |prev| (null at the first fusion of a run)}
 
-Vectors are rounded to 3 significant digits: about 2.1 KB per fusion for SmolLM2's 120 LoRA tensors
+Vectors are rounded to 3 significant digits: about 2.4 KB per fusion for SmolLM2's 120 LoRA tensors
 (30 layers x q, v x A, B), and a 6 KB "fusion_leaves" record per task.
 """
 from __future__ import annotations

@@ -34,7 +34,7 @@ from kif_jax.distributed import barrier, fetch, is_main
 from kif_jax.errors import ConfigError, KifError
 from kif_jax.evaluation import Evaluator
 from kif_jax.memory_plan import activation_bytes, report_memory_plan
-from kif_jax.methods import Method, method_class
+from kif_jax.methods import Method, method_class, unrelated_sections
 from kif_jax.models import family as models_family
 from kif_jax.models.family import ModelFamily
 from kif_jax.models.layers import LoRAParam, set_remat
@@ -67,7 +67,6 @@ class RunContext:
     mesh: Any
     programs: Programs
     evaluator: Evaluator
-    fingerprint: str
     compiled: set = dataclasses.field(default_factory=set)  # (program, shape) pairs run once: compiled
     preemption: PreemptionGuard = dataclasses.field(default_factory=PreemptionGuard)  # polled at cycle boundaries
     activations: int = 0  # estimated activation bytes per device (memory plan)
@@ -169,7 +168,9 @@ class MethodRun:
     def run(self) -> dict:
         c = self.config
         self.plan_memory()
-        ckpt = RunCheckpointer(self.dir / "checkpoints", keep=c.checkpoint.keep, fingerprint=self.ctx.fingerprint)
+        ckpt = RunCheckpointer(self.dir / "checkpoints", keep=c.checkpoint.keep,
+                               fingerprint=config_fingerprint(c, leave_out=unrelated_sections(c, type(self.method))),
+                               also_accept=[config_fingerprint(c)])
         try:
             return self._run(ckpt)
         finally:
@@ -412,7 +413,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                           mesh=mesh, mode=c.eval.mode, max_target_length=c.train.max_target_length)
     ctx = RunContext(config=c, workdir=workdir, tasks=tasks, data=RunData(c, data_dir, family, tokenizer),
                      graphdef=graphdef, init_params=shard_tree(params, mesh), frozen=shard_tree(frozen, mesh),
-                     mesh=mesh, programs=programs, evaluator=evaluator, fingerprint=config_fingerprint(c),
+                     mesh=mesh, programs=programs, evaluator=evaluator,
                      activations=activations, preemption=PreemptionGuard())
     results: dict[str, dict] = {}
     with ctx.preemption:  # SIGTERM / SIGINT from here on: save at the next cycle boundary, raise Preempted
