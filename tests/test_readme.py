@@ -24,6 +24,33 @@ def test_core_snippet_prints_what_the_readme_shows():
     assert out.getvalue() == shown
 
 
+def test_data_snippet_prints_what_the_readme_shows():
+    """The benchmark, the offline SmolLM2 tokenizer, the memory buffer, a batch and the metrics."""
+    (lang, code), (_, shown) = blocks_after("## Data and metrics")[:2]
+    assert lang == "python"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), {})
+    assert out.getvalue() == shown
+
+
+@pytest.mark.slow
+def test_models_snippet_prints_what_the_readme_shows(tmp_path, monkeypatch):
+    """The offline part of the models snippet (all but the T5 hub checkpoint): SmolLM2 from its GGUF file,
+    its greedy answer, and the adapter files PEFT reads."""
+    (lang, code), (_, shown) = blocks_after("## Models: load a checkpoint")[:2]
+    assert lang == "python"
+    hub = re.search(r"^t5 = from_pretrained\(.*?\)\)\n", code, flags=re.M | re.S)
+    assert hub, "the snippet's T5 statement moved: update this test"
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code.replace(hub[0], ""), "README.md", "exec"), {})
+    assert out.getvalue() == shown
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
+                                                                        "adapter_model.safetensors"]
+
+
 @pytest.mark.slow
 def test_demo_tables_are_what_main_prints(tmp_path):
     """`python main.py` as a user runs it (one device, default XLA flags): its accuracy matrices and
