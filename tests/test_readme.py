@@ -128,3 +128,28 @@ def test_smollm2_table_is_what_the_committed_runs_give():
         for baseline in {row["baseline"] for row in committed}:
             fresh = compare.compare(compare.load_workdir(results / f"smollm2_o{order}"), baseline, resamples=10_000)
             assert [row for row in committed if row["baseline"] == baseline] == fresh
+
+
+def test_smollm2_orders_agree_on_their_shared_first_tasks():
+    """Orders 4 and 5 start with the same two tasks (dbpedia, amazon) and one seed: a method finished in both
+    orders has the same training losses and the same predictions there, record for record, though the runs
+    were made at different times, paused and resumed."""
+    import json
+
+    results = pathlib.Path(__file__).resolve().parent.parent / "results"
+    o4, o5 = results / "smollm2_o4", results / "smollm2_o5"
+    tasks = [json.loads((d / "seq_lora" / "results.json").read_text())["tasks"] for d in (o4, o5)]
+    shared = next(i for i, (a, b) in enumerate(zip(*tasks)) if a != b)
+    assert shared == 2
+    both = sorted({p.parent.name for p in o4.glob("*/results.json")} & {p.parent.name for p in o5.glob("*/results.json")})
+    assert "seq_lora" in both
+
+    def records(directory, method):
+        lines = lambda name: [json.loads(line) for line in (directory / method / name).read_text().splitlines()]
+        losses = [r["loss"] for r in lines("metrics.jsonl") if "loss" in r and r["phase"] < shared]
+        return losses, [r for r in lines("predictions.jsonl") if r["after_task"] < shared]
+
+    for method in both:
+        losses, predictions = records(o4, method)
+        assert len(losses) >= 2 * 15 and len(predictions) == 3 * 200, method  # 15 cycles a task at least
+        assert (losses, predictions) == records(o5, method), method
