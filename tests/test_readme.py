@@ -133,7 +133,7 @@ def test_smollm2_table_is_what_the_committed_runs_give():
 def test_smollm2_orders_agree_on_their_shared_first_tasks():
     """Orders 4 and 5 start with the same two tasks (dbpedia, amazon) and one seed: a method finished in both
     orders has the same training losses and the same predictions there, record for record, though the runs
-    were made at different times, paused and resumed."""
+    were made hours apart and some shared the CPU or were paused."""
     import json
 
     results = pathlib.Path(__file__).resolve().parent.parent / "results"
