@@ -15,38 +15,37 @@ def blocks_after(heading: str) -> list[tuple[str, str]]:
     return re.findall(r"```(\w*)\n(.*?)```", section, flags=re.S)
 
 
-def test_core_snippet_prints_what_the_readme_shows():
-    (lang, code), (_, shown) = blocks_after("## The core on its own")[:2]
+def snippet_output(heading: str, leave_out: str = "") -> tuple[str, str]:
+    """What the first python block after `heading` prints (less the text `leave_out`), and the block after it."""
+    (lang, code), (_, shown) = blocks_after(heading)[:2]
     assert lang == "python"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(code, "README.md", "exec"), {})
-    assert out.getvalue() == shown
+        exec(compile(code.replace(leave_out, "") if leave_out else code, "README.md", "exec"), {})
+    return out.getvalue(), shown
+
+
+def test_core_snippet_prints_what_the_readme_shows():
+    printed, shown = snippet_output("## The core on its own")
+    assert printed == shown
 
 
 def test_data_snippet_prints_what_the_readme_shows():
     """The benchmark, the offline SmolLM2 tokenizer, the memory buffer, a batch and the metrics."""
-    (lang, code), (_, shown) = blocks_after("## Data and metrics")[:2]
-    assert lang == "python"
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(code, "README.md", "exec"), {})
-    assert out.getvalue() == shown
+    printed, shown = snippet_output("## Data and metrics")
+    assert printed == shown
 
 
 @pytest.mark.slow
 def test_models_snippet_prints_what_the_readme_shows(tmp_path, monkeypatch):
     """The offline part of the models snippet (all but the T5 hub checkpoint): SmolLM2 from its GGUF file,
     its greedy answer, and the adapter files PEFT reads."""
-    (lang, code), (_, shown) = blocks_after("## Models: load a checkpoint")[:2]
-    assert lang == "python"
+    code = blocks_after("## Models: load a checkpoint")[0][1]
     hub = re.search(r"^t5 = from_pretrained\(.*?\)\)\n", code, flags=re.M | re.S)
     assert hub, "the snippet's T5 statement moved: update this test"
     monkeypatch.chdir(tmp_path)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(code.replace(hub[0], ""), "README.md", "exec"), {})
-    assert out.getvalue() == shown
+    printed, shown = snippet_output("## Models: load a checkpoint", leave_out=hub[0])
+    assert printed == shown
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
                                                                         "adapter_model.safetensors"]
 

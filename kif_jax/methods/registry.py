@@ -106,7 +106,7 @@ def unrelated_sections(config: ml_collections.ConfigDict, cls: type[Method]) -> 
     """The config sections a run of `cls` does not read: every other method's (built-in, registered or named in
     `config.methods`), less its own and its `shared_sections`. Its checkpoints' fingerprint leaves them out, so
     adding a method to a workdir, or changing another method's settings, keeps the finished runs there."""
-    owned = set(sections()) | {c.section for c in _REGISTRY.values() if c.section}
-    owned |= {c.section for c in resolve(split_list(config.methods)) if c.section}
+    resolve(split_list(config.methods))  # registers the methods of one's own named there
+    owned = {c.section for c in _REGISTRY.values() if c.section}
     keep = {cls.section, *cls.shared_sections}
     return sorted(s for s in owned - keep if s in config)
