@@ -29,6 +29,8 @@ _NOT_FINGERPRINTED = ("checkpoint", "sharding", "methods", "eval.batch_size")
 # The layout of the training state a checkpoint holds. 2: every method's own state under `TrainState.method`
 # (kif_jax/methods/); checkpoints without the field were written before (layout 1) and are refused.
 STATE_LAYOUT = 2
+# Checkpoint ids of task ends are its multiples (kif_jax.train.position.ResumePosition.PHASE_STRIDE).
+TASK_END_STRIDE = 10_000_000
 
 
 def config_fingerprint(config: ml_collections.ConfigDict, leave_out: Iterable[str] = ()) -> str:
@@ -47,13 +49,16 @@ def config_fingerprint(config: ml_collections.ConfigDict, leave_out: Iterable[st
 class RunCheckpointer:
     """Save and restore (state, metadata) pairs under one directory, checking the config fingerprint."""
 
-    def __init__(self, directory: pathlib.Path, *, keep: int, fingerprint: str, also_accept: Iterable[str] = ()) -> None:
+    def __init__(self, directory: pathlib.Path, *, keep: int, fingerprint: str, also_accept: Iterable[str] = (),
+                 keep_task_ends: bool = False) -> None:
         self.directory = pathlib.Path(directory).absolute()
         self.fingerprint = fingerprint
         # Fingerprints of the same config as earlier versions computed them (the whole config): still resumable.
         self.accepted = {fingerprint, *also_accept}
+        # Task-end checkpoint ids are the multiples of the phase stride (kif_jax/train/position.py).
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
-                                               cleanup_tmp_directories=True)
+                                               cleanup_tmp_directories=True,
+                                               keep_period=TASK_END_STRIDE if keep_task_ends else None)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:

@@ -120,6 +120,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 0  # also save within a task every this many steps (0 = task ends only)
     c.checkpoint.keep = 2  # checkpoints kept per method
+    c.checkpoint.keep_task_ends = True  # also keep every task-end checkpoint (another order may start from one)
+    # A workdir of the same config in a task order that begins as this one's: a method with no checkpoint of
+    # its own starts from that run's checkpoint after the longest shared prefix of tasks (kif_jax/train/prefix.py)
+    c.checkpoint.prefix_from = ""
 
     c.sharding = ml_collections.ConfigDict()
     # The device mesh (data, fsdp, tensor); kif_jax/sharding.py maps parameter axes onto it.

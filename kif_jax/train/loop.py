@@ -45,6 +45,7 @@ from kif_jax.sharding import config_mesh, shard_rows, shard_tree
 from kif_jax.tracking import Trackers
 from kif_jax.train.data import RunData, common_shape, stack_batches
 from kif_jax.train.position import ResumePosition
+from kif_jax.train.prefix import Prefix, adopt_prefix, plan_prefix, prefix_fingerprint
 from kif_jax.train.progress import Progress, format_seconds, note
 from kif_jax.train.records import batch_tokens, check_finite, cycle_record
 from kif_jax.train.state import fresh_state, next_task_state, plan_method_memory
@@ -126,7 +127,7 @@ def build_model(config: ml_collections.ConfigDict, mesh: Any = None) -> tuple[An
 class MethodRun:
     """One method over the task sequence, resumable at cycle granularity."""
 
-    def __init__(self, ctx: RunContext, method: Method) -> None:
+    def __init__(self, ctx: RunContext, method: Method, prefix: Prefix | None = None) -> None:
         self.ctx = ctx
         self.method = method
         self.name = method.name
@@ -139,6 +140,10 @@ class MethodRun:
         self.steps_before = self.global_step = 0  # optimizer steps of the finished phases; the trackers' x axis
         self.wandb_id: str | None = None  # kept in the checkpoints: a resumed run continues the same W&B run
         self.trackers: Trackers | None = None
+        leave_out = unrelated_sections(self.config, type(method))
+        self.fingerprint = config_fingerprint(self.config, leave_out=leave_out)
+        self.prefix_fingerprint = prefix_fingerprint(self.config, leave_out)  # recorded for `checkpoint.prefix_from`
+        self.prefix = prefix  # the finished tasks of another order's run this one starts from, or None
 
     # --- state --------------------------------------------------------------------------------
     def fresh_state(self, phase: int, params: Any, total_steps: int) -> TrainState:
@@ -168,10 +173,13 @@ class MethodRun:
     def run(self) -> dict:
         c = self.config
         self.plan_memory()
-        ckpt = RunCheckpointer(self.dir / "checkpoints", keep=c.checkpoint.keep,
-                               fingerprint=config_fingerprint(c, leave_out=unrelated_sections(c, type(self.method))),
-                               also_accept=[config_fingerprint(c)])
+        ckpt = RunCheckpointer(self.dir / "checkpoints", keep=c.checkpoint.keep, fingerprint=self.fingerprint,
+                               also_accept=[config_fingerprint(c)], keep_task_ends=c.checkpoint.keep_task_ends)
         try:
+            if self.prefix is not None and ckpt.latest_step() is None:  # a checkpoint of its own comes first
+                adopt_prefix(self.prefix, tasks=self.ctx.tasks, run_dir=self.dir, ckpt=ckpt,
+                             like_fn=lambda phase: shard_tree(self.fresh_state(phase, self.ctx.init_params, 0),
+                                                              self.ctx.mesh))
             return self._run(ckpt)
         finally:
             ckpt.close()
@@ -279,7 +287,8 @@ class MethodRun:
                 "R": [[None if math.isnan(v) else float(v) for v in row] for row in self.R],
                 "zero_shot": self.zero_shot, "timing": self.timing, "metrics_offset": writer.offset(),
                 "predictions_offset": self.predictions.offset(), "steps_before_phase": self.steps_before,
-                "wandb_id": self.wandb_id, "method": self.name, "trained": position.trained}
+                "wandb_id": self.wandb_id, "method": self.name, "trained": position.trained,
+                "tasks": self.ctx.tasks, "prefix_fingerprint": self.prefix_fingerprint}
         ckpt.save(position.checkpoint_id, state, meta)
 
     def _save_trained_and_stop(self, ckpt: RunCheckpointer, state: TrainState, phase: int,
@@ -385,6 +394,14 @@ class MethodRun:
         return shard_rows(stacked, self.ctx.mesh, row_axis=1)
 
 
+def method_prefix(config: ml_collections.ConfigDict, method: Method, tasks: list[str],
+                  workdir: pathlib.Path) -> Prefix | None:
+    """The finished tasks `method`'s run takes from `checkpoint.prefix_from` (kif_jax/train/prefix.py), or None."""
+    return plan_prefix(config, method_name=method.name, tasks=tasks, phases=method.phases(tasks),
+                       phases_of=method.phases, run_dir=workdir / method.name,
+                       fingerprint=prefix_fingerprint(config, unrelated_sections(config, type(method))))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, dict]:
     """Run every configured method; returns {method: results.json contents}."""
     workdir = pathlib.Path(workdir)
@@ -399,6 +416,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     data_dir, tasks = resolve_run(config, workdir)
     c = config
     mesh = config_mesh(c.sharding)
+    methods = [method_class(name)(c) for name in split_list(c.methods)]
+    prefixes = {m.name: method_prefix(c, m, tasks, workdir) for m in methods}  # refused before the model loads
     model, tokenizer, family = build_model(config, mesh)
     set_remat(model, c.train.remat)
     trainable = LoRAParam if c.model.trainable == "lora" else nnx.Param
@@ -417,10 +436,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                      activations=activations, preemption=PreemptionGuard())
     results: dict[str, dict] = {}
     with ctx.preemption:  # SIGTERM / SIGINT from here on: save at the next cycle boundary, raise Preempted
-        for name in split_list(c.methods):
+        for method in methods:
             t0 = time.perf_counter()
-            method = method_class(name)(c)
-            results[method.name] = MethodRun(ctx, method).run()
+            results[method.name] = MethodRun(ctx, method, prefixes[method.name]).run()
             logging.info("%s finished in %.1f s", method.name, time.perf_counter() - t0)
     table = metrics.comparison_table(results)
     if is_main():

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+from kif_jax.checkpointing import TASK_END_STRIDE
+
 
 @dataclasses.dataclass(frozen=True)
 class ResumePosition:
@@ -19,7 +21,7 @@ class ResumePosition:
     step: int = 0
     trained: bool = False
 
-    PHASE_STRIDE: ClassVar[int] = 10_000_000  # more optimizer steps than any phase takes
+    PHASE_STRIDE: ClassVar[int] = TASK_END_STRIDE  # more optimizer steps than any phase takes
 
     @property
     def mid_phase(self) -> bool:
