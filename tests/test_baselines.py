@@ -268,9 +268,10 @@ def test_baselines_do_what_they_say(baseline_runs):
     # 3 units of 12 lie above each 80th percentile (12 - 1 - floor(0.8 * 11)), for each score vector
     assert events[1]["units_both"] + events[1]["units_current_only"] == 3
     assert events[1]["units_both"] + events[1]["units_previous_only"] == 3
-    # EWC: a Fisher at each task end from 8 batches; the penalty is 0 at theta* and grows as task 2 moves away.
+    # EWC: the Fisher accumulated over every step of each task (TRACE's form); the penalty is 0 at theta* and grows
+    # as task 2 moves away.
     fisher = [r for r in log["ewc"] if r.get("event") == "ewc_fisher"]
-    assert [(r["phase"], r["fisher_batches"]) for r in fisher] == [(0, 8), (1, 8)]
+    assert [(r["phase"], r["fisher"], r["fisher_steps"]) for r in fisher] == [(0, "trace", 4), (1, "trace", 4)]
     assert 0 < fisher[0]["fisher_mean"] < fisher[1]["fisher_mean"]  # summed over tasks
     assert all("penalty" not in r for r in cycles["ewc"] if r["phase"] == 0)
     task2 = [r["penalty"] for r in cycles["ewc"] if r["phase"] == 1]

@@ -1,12 +1,20 @@
-"""O-LoRA (Wang et al. 2023; the authors' code cmnfriend/O-LoRA @ 07117e1): a new LoRA branch per task.
+"""O-LoRA (Wang et al. 2023; the authors' code cmnfriend/O-LoRA @ 07117e1, audited in docs/audit/o_lora.md).
 
 Every adapted projection has a frozen "old" branch (all earlier tasks' factors side by side:
 A [in, r_sum], B [r_sum, out]; peft's A rows are our A columns) and a trained "new" branch (rank r). The
 layer is given their concatenation, so it computes W x + s B_old A_old x + s B_new A_new x with one
 dropout mask and one scale s = alpha / r (also over r_sum). Loss = CE + o_lora.lambda1 * sum over
 modules of sum |A_old A_new^T| + o_lora.lambda2 * sum of the Frobenius norms (not squared) of the new A
-and B tensors (defaults 0.5 and 0, the code's). At each task end new joins old; the next task starts a
-fresh new branch. Inference: base + old + new. LoRA only.
+and B tensors (defaults 0.5 and 0, the authors' T5 scripts), added once per optimizer step (DeepSpeed
+scales the whole loss by 1/accumulation) before clipping and AdamW. At each task end new joins old
+([old | new]); the next task starts a fresh new branch and a fresh AdamW. Inference: base + old + new.
+LoRA only.
+
+`o_lora.lr_schedule`: "shared" (default) is kif_jax's one schedule for every method (linear warm-up and
+decay); "authors" is what the authors' DeepSpeed config runs: WarmupLR from 0 to `train.lr` over
+max(2, `train.warmup_steps`) log steps, after a first step at `train.lr` (so with their 0 warm-up steps:
+lr, 0, lr, lr, ...). The authors' other settings are the shared fields `train.lr` 1e-3, `train.epochs`
+1, `train.batch_size` 64, `train.warmup_steps` 0 and `model.lora.dropout` 0.1.
 
 Readings that are ours: task 1's new branch is the model's own LoRA initialisation (as every method's
 task 1); later branches draw A ~ U(-1/sqrt(in), 1/sqrt(in)) (peft's kaiming-uniform, a = sqrt(5)) from
@@ -39,7 +47,25 @@ def o_lora_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.lambda1 = 0.5  # weight of the orthogonality loss sum |A_old A_new^T| (from task 2 on)
     c.lambda2 = 0.0  # weight of the new branch's summed Frobenius norms
+    # "shared": every method's schedule (train.warmup_steps linear warm-up, linear decay to 0); "authors":
+    # DeepSpeed's WarmupLR as the authors' scripts run it (first step at train.lr, then log warm-up from 0
+    # over max(2, train.warmup_steps) steps, then constant train.lr)
+    c.lr_schedule = "shared"
     return c
+
+
+LR_SCHEDULES = ("shared", "authors")
+
+
+def authors_lr(step: jax.Array, *, peak: float, warmup: int) -> jax.Array:
+    """The learning rate of the authors' step `step` (0-based in the task): DeepSpeed 0.10's WarmupLR with
+    warmup_min_lr 0, warmup_max_lr `peak`, warmup_num_steps `warmup` (their Hugging Face Trainer fills the
+    "auto" fields so), log warm-up. Its steps count from 2 at least, and the scheduler first sets a rate
+    after the first optimizer step, which runs at the optimizer's own rate `peak`: step s >= 1 runs at
+    peak * min(1, log(s) / log(max(2, warmup))), so step 1 runs at 0 whatever the warm-up."""
+    s = step.astype(F32)
+    gamma = jnp.minimum(1.0, jnp.log(jnp.maximum(s, 1.0)) / math.log(max(2, int(warmup))))
+    return jnp.where(step == 0, jnp.float32(peak), jnp.float32(peak) * gamma)
 
 
 def _factor(path: Any) -> str:
@@ -117,6 +143,7 @@ class OLoRAProgram(Program):
 
     lambda1: float = 0.0
     lambda2: float = 0.0
+    authors_schedule: bool = False  # o_lora.lr_schedule == "authors"
 
     def model_params(self, old: Any, params: Any) -> Any:
         return lora_concat(old, params)
@@ -127,6 +154,11 @@ class OLoRAProgram(Program):
 
     def penalty(self, params: Any, old: Any) -> jax.Array:
         return o_lora_loss(old, params, lambda1=self.lambda1 if jax.tree.leaves(old) else 0.0, lambda2=self.lambda2)
+
+    def update(self, trainer: Any, state: Any, grads: Any, lr: jax.Array, learner: Any) -> tuple[Any, jax.Array]:
+        if self.authors_schedule:
+            lr = authors_lr(state.step, peak=trainer.lr, warmup=trainer.warmup_steps)
+        return super().update(trainer, state, grads, lr, learner)
 
 
 class OLoRA(Method):
@@ -142,6 +174,9 @@ class OLoRA(Method):
             value = config.o_lora[name]
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"config field 'o_lora.{name}' must be a non-negative number, got {value}")
+        if config.o_lora.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"config field 'o_lora.lr_schedule' must be one of {', '.join(LR_SCHEDULES)}, "
+                              f"got {config.o_lora.lr_schedule!r}")
 
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict) -> None:
@@ -168,9 +203,11 @@ class OLoRA(Method):
     def cycle(self, task: Any, step: int, steps: int) -> tuple[Program, list[dict]]:
         o = self.config.o_lora
         lambda1 = float(o.lambda1) if task.phase >= 1 else 0.0
-        if task.phase == 0 and not o.lambda2:
+        authors_schedule = o.lr_schedule == "authors"
+        if task.phase == 0 and not o.lambda2 and not authors_schedule:
             return Program(inner_steps=steps), []  # no old branch, no loss term: SeqLoRA
-        return OLoRAProgram(inner_steps=steps, lambda1=lambda1, lambda2=float(o.lambda2)), []
+        return OLoRAProgram(inner_steps=steps, lambda1=lambda1, lambda2=float(o.lambda2),
+                            authors_schedule=authors_schedule), []
 
 
 METHODS = (OLoRA,)

@@ -1,4 +1,5 @@
-"""TaSL (Feng et al. 2024; the authors' code WoodScene/TaSL @ d7a0c4f): skill units consolidated at task ends.
+"""TaSL (Feng et al., ACL 2024): skill units consolidated at task ends, as the authors' code runs it
+(WoodScene/TaSL @ d7a0c4fee7eeca1fc97d12f3ba3fdff4cf41bd17; item by item in docs/audit/tasl.md).
 
 AdaLoRA importance per element, I = |theta * grad|, with I_bar, U_bar EMAs (tasl.beta1 = tasl.beta2 =
 0.85), theta after the step and grad the step's gradient clipped to train.max_grad_norm, after every
@@ -14,7 +15,8 @@ task in a new process; with train.reset_at_task_boundary = False it carries over
 
 Readings that are ours: min-max of equal scores gives zeros (the reference divides 0 by 0); with
 model.trainable = "all" every parameter tensor is a unit (as in the reference's T5 script, which
-fine-tunes all of T5).
+fine-tunes all of T5); a non-finite step leaves the importance as it was (the whole step is gated). The
+journal extension's TasLoRA (rank-wise units, softmax-weighted merge) is not implemented.
 """
 from __future__ import annotations
 
