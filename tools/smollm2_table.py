@@ -19,8 +19,9 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # kif_jax from this checkout
 
 METRICS = ("op", "bwt", "avg", "learned")
-ORDER = ("seq_lora", "replay", "recurrent_kif", "mtl", "migu")
-NAMES = {"seq_lora": "SeqLoRA", "replay": "Replay", "recurrent_kif": "Recurrent-KIF", "mtl": "MTL", "migu": "MIGU"}
+# The first comparison's methods; tools/paper_table.py prints the seven-method tables from the same directories.
+ORDER = ("seq_lora", "replay", "recurrent_kif")
+NAMES = {"seq_lora": "SeqLoRA", "replay": "Replay", "recurrent_kif": "Recurrent-KIF"}
 
 
 def pct(x):
@@ -54,8 +55,7 @@ def evaluation_minutes(log_path: pathlib.Path, method: str) -> float | None:
 
 
 def methods_of(directory: pathlib.Path) -> list[str]:
-    return sorted((p.parent.name for p in directory.glob("*/results.json")),
-                  key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
+    return [m for m in ORDER if (directory / m / "results.json").exists()]
 
 
 def op_intervals(directory: pathlib.Path) -> dict[str, tuple[float, float]]:
@@ -86,7 +86,7 @@ def rows_of(directory: pathlib.Path, baseline: str) -> dict:
     if not path.exists():
         return {}
     return {(r["method"], r["metric"]): r for r in json.loads(path.read_text())
-            if r["metric"] in METRICS and r["baseline"] == baseline}
+            if r["metric"] in METRICS and r["baseline"] == baseline and r["method"] in ORDER}
 
 
 def fusion_rows(directory: pathlib.Path, method: str = "recurrent_kif") -> list[str]:

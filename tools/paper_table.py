@@ -1,0 +1,124 @@
+"""The README's seven-method tables in the layout of the Recurrent-KIF paper's Table 1, from committed runs.
+
+    python tools/paper_table.py results/smollm2_o4 results/smollm2_o5
+
+Each directory holds `<method>/results.json` and `<method>/predictions.jsonl` (tools/collect_run.py). Prints
+markdown, per order: each method's OP with its 95% bootstrap interval, BWT, Avg, learned accuracy (%), its time
+(results.json: training + evaluation, including the tasks a run took from another order's checkpoint), and the
+paper's T5-large figures beside it (Standard benchmark, mean of three orders); a method that has not finished
+in the directory is listed as such. Then Recurrent-KIF's paired OP and BWT differences from every other
+finished method, with 95% intervals (kif_jax.compare: test examples resampled within each task, 10,000
+resamples, seed 0), and the verdict of the committed rule: a method beats another when the interval of the OP
+difference excludes 0, on the same side, in both orders.
+"""
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # kif_jax from this checkout
+
+METHODS = ("seq_lora", "replay", "ewc", "o_lora", "tasl", "migu", "recurrent_kif", "mtl")
+NAMES = {"seq_lora": "SeqLoRA", "replay": "Replay", "ewc": "EWC", "o_lora": "O-LoRA", "tasl": "TaSL",
+         "migu": "MIGU", "recurrent_kif": "Recurrent-KIF", "mtl": "MTL"}
+# The Recurrent-KIF paper's Table 1, Standard benchmark, T5-large, mean of three orders: (OP, BWT); None: not
+# reported (MIGU's and MTL's BWT) or not in the table (Replay, EWC).
+PAPER = {"seq_lora": (43.7, -50.4), "o_lora": (75.8, -3.8), "tasl": (76.3, -4.0), "migu": (76.6, None),
+         "recurrent_kif": (78.4, -2.8), "mtl": (80.3, None)}
+KIF = "recurrent_kif"
+
+
+def pct(x):
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def paper(method: str) -> tuple[str, str]:
+    op, bwt = PAPER.get(method, (None, None))
+    return ("-" if op is None else f"{op:.1f}"), ("-" if bwt is None else f"{bwt:.1f}")
+
+
+def finished(directory: pathlib.Path) -> list[str]:
+    return [m for m in METHODS if (directory / m / "results.json").exists()]
+
+
+def method_row(directory: pathlib.Path, method: str, intervals: dict) -> str:
+    """One row of an order's table."""
+    paper_op, paper_bwt = paper(method)
+    if method not in intervals:
+        return f"| {NAMES[method]} | not finished | | | | | {paper_op} | {paper_bwt} |"
+    r = json.loads((directory / method / "results.json").read_text())
+    diagonal = [v for v in r.get("learned_accuracy") or [] if v is not None]
+    learned = sum(diagonal) / len(diagonal) if len(diagonal) == len(r["tasks"]) else None
+    lo, hi = intervals[method]
+    time = f"{r['timing']['train_s'] / 60:.0f} + {r['timing']['eval_s'] / 60:.0f} min"
+    return (f"| {NAMES[method]} | {pct(r['op'])} [{pct(lo)}, {pct(hi)}] | {pct(r.get('bwt'))} | {pct(r.get('avg'))} | "
+            f"{pct(learned)} | {time} | {paper_op} | {paper_bwt} |")
+
+
+def kif_differences(directory: pathlib.Path) -> dict[str, dict[str, dict]]:
+    """{other method: {"op"/"bwt": Recurrent-KIF minus it, with its interval}} over the finished methods."""
+    from kif_jax import compare
+
+    methods = compare.load_workdir(directory, minimum=1)
+    names = [m.name for m in methods]
+    if KIF not in names:
+        return {}
+    out = {}
+    for other in (m for m in METHODS if m in names and m != KIF):
+        rows = compare.compare(methods, other, resamples=10_000)
+        out[other] = {r["metric"]: r for r in rows if r["method"] == KIF and r["metric"] in ("op", "bwt")}
+    return out
+
+
+def difference(row: dict | None) -> tuple[str, str]:
+    if row is None:
+        return "-", "-"
+    lo, hi = row["ci_low"], row["ci_high"]
+    return (f"{100 * row['estimate']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]",
+            "yes" if lo > 0 or hi < 0 else "no")
+
+
+def verdict(per_order: list[dict | None]) -> str:
+    """The committed rule on the OP rows of every order."""
+    if any(row is None for row in per_order):
+        return "not finished in every order"
+    if all(row["ci_low"] > 0 for row in per_order):
+        return "Recurrent-KIF beats it"
+    if all(row["ci_high"] < 0 for row in per_order):
+        return "it beats Recurrent-KIF"
+    return "unresolved"
+
+
+def main(dirs) -> None:
+    from kif_jax import compare
+
+    dirs = [pathlib.Path(d) for d in dirs]
+    diffs = {}
+    for d in dirs:
+        order = d.name.rsplit("_o", 1)[-1]
+        done = finished(d)
+        tasks = json.loads((d / done[0] / "results.json").read_text())["tasks"] if done else []
+        rows = compare.intervals(compare.load_workdir(d, minimum=1)) if done else []
+        intervals = {r["method"]: (r["ci_low"], r["ci_high"]) for r in rows if r["metric"] == "op"}
+        print(f"Order {order} ({', '.join(tasks)}):\n")
+        print("| method | OP [95% interval] | BWT | Avg | learned | time (train + eval) | paper OP | paper BWT |\n"
+              "|---|---|---|---|---|---|---|---|")
+        for method in METHODS:
+            print(method_row(d, method, intervals))
+        print()
+        diffs[order] = kif_differences(d)
+    orders = list(diffs)
+    print("| Recurrent-KIF vs | order | OP difference [95% interval] | resolved | BWT difference [95% interval] "
+          "| resolved |\n|---|---|---|---|---|---|")
+    for other in (m for m in METHODS if m != KIF):
+        for order in orders:
+            if other in diffs[order]:
+                op, op_resolved = difference(diffs[order][other].get("op"))
+                bwt, bwt_resolved = difference(diffs[order][other].get("bwt"))
+                print(f"| {NAMES[other]} | {order} | {op} | {op_resolved} | {bwt} | {bwt_resolved} |")
+    print("\n| Recurrent-KIF vs | verdict (OP, both orders) |\n|---|---|")
+    for other in (m for m in METHODS if m != KIF):
+        print(f"| {NAMES[other]} | {verdict([diffs[o].get(other, {}).get('op') for o in orders])} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
