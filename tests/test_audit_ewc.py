@@ -1,4 +1,4 @@
-"""Audit of EWC (docs/audit/ewc.md): two optimizer steps worked by hand on a tiny T5 with LoRA dropout, against
+"""Audit of EWC (the audit table in docs/baselines.md): two optimizer steps worked by hand on a tiny T5 with LoRA dropout, against
 the jitted program that `EWC.cycle` builds, for the first task and for a later one; then every item of the
 hand computation changed in turn, each of which must no longer match.
 

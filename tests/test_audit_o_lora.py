@@ -1,4 +1,4 @@
-"""O-LoRA against its authors' code (cmnfriend/O-LoRA @ 07117e1; the audit is docs/audit/o_lora.md).
+"""O-LoRA against its authors' code (cmnfriend/O-LoRA @ 07117e1; the audit is the audit table in docs/baselines.md).
 
 One optimizer step of task 3 on a tiny T5 (LoRA dropout on, an old branch of two earlier tasks, a running
 AdamW state, clipping active) is worked by hand outside the method's code: plain `jax.grad` of the model's

@@ -1,4 +1,4 @@
-"""TaSL against the authors' code (docs/audit/tasl.md; WoodScene/TaSL @ d7a0c4f): one optimizer step of the TaSL
+"""TaSL against the authors' code (the audit table in docs/baselines.md; WoodScene/TaSL @ d7a0c4f): one optimizer step of the TaSL
 program and the task-end consolidation, each worked by hand outside kif_jax's method code and compared with the
 jitted programs. Every mutation of the hand computation (one item of the audit table changed) must NOT match, so
 each item is pinned.

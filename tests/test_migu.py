@@ -17,7 +17,7 @@ from kif_jax.errors import ConfigError
 from kif_jax.methods import Program
 from kif_jax.methods.migu import MIGU, MaskedSteps, magnitude_mask
 from kif_jax.metrics import results_matrix
-from kif_jax.models.layers import Dense, KeyStream, LoRAConfig
+from kif_jax.models.layers import DECODER, ENCODER, Dense, KeyStream, LoRAConfig, reading
 from kif_jax.train import Programs, ResumePosition, train_and_evaluate
 
 F32 = jnp.float32
@@ -33,14 +33,19 @@ class TwoLayers(nnx.Module):
         self.second = Dense(3, 2, path="second", **common)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.second(self.first(x))
+        with reading(DECODER):  # the one sequence the projections read
+            return self.second(self.first(x))
 
 
 class SumOfOutputs:
-    """A family whose loss is sum(y * weights), so every gradient is easy to write down."""
+    """A family whose loss is sum(y * weights), so every gradient is easy to write down; its position weights
+    (which positions the magnitudes count) are the batch's "positions"."""
 
     def token_loss(self, model, batch, *, key):
         return jnp.sum(model(batch["x"]) * batch["weights"]), jnp.int32(1)
+
+    def position_weights(self, batch):
+        return {DECODER: batch["positions"]}
 
 
 def _toy():
@@ -63,7 +68,8 @@ def test_masked_gradient_of_a_two_layer_toy_by_hand():
     graphdef, params, frozen = nnx.split(model, models.LoRAParam, ...)
     x = np.array([[1, 0], [0, -2], [1, 1]], np.float32)  # 3 positions of 2 features
     weights = np.array([[1, 0], [0, 1], [1, -1]], np.float32)
-    batch = {"input_ids": np.zeros((1, 3, 1), np.int32), "x": x[None], "weights": weights[None]}  # one micro-batch
+    batch = {"input_ids": np.zeros((1, 3, 1), np.int32), "x": x[None], "weights": weights[None],
+             "positions": np.ones((1, 3), np.float32)}  # one micro-batch, every position counted
     programs = Programs(graphdef, family=SumOfOutputs(), lr=1e-3, warmup_steps=0, max_grad_norm=1.0,
                         weight_decay=0.0, donate=False)
     program = MaskedSteps(inner_steps=1, threshold=0.5)
@@ -101,14 +107,79 @@ def test_masked_gradient_of_a_two_layer_toy_by_hand():
             assert np.all(np.asarray(masked[layer][factor])[:, np.asarray(keep[layer][factor]) == 0] == 0)
 
 
+def test_position_weights_choose_the_positions_the_magnitudes_count():
+    """The toy above with its second position weighted 0: the magnitudes leave it out, the gradient keeps it;
+    `magnitude_positions="all"` counts it whatever the weights; a tapped projection outside `reading` is refused."""
+    model, _ = _toy()
+    graphdef, params, frozen = nnx.split(model, models.LoRAParam, ...)
+    x = np.array([[1, 0], [0, -2], [1, 1]], np.float32)
+    weights = np.array([[1, 0], [0, 1], [1, -1]], np.float32)
+    batch = {"input_ids": np.zeros((1, 3, 1), np.int32), "x": x[None], "weights": weights[None],
+             "positions": np.array([[1, 0, 1]], np.float32)}
+    programs = Programs(graphdef, family=SumOfOutputs(), lr=1e-3, warmup_steps=0, max_grad_norm=1.0,
+                        weight_decay=0.0, donate=False)
+    _, grads, magnitudes = programs.accumulated_grads(MaskedSteps(inner_steps=1, threshold=0.5), params, (), frozen,
+                                                      batch, None)
+    # Positions 0 and 2 only: x A1 rows [1, -1], [3, -1] -> [4, 2]; (x A1) B1 rows [1, -1, 0], [3, -1, 2] -> [4, 2, 2];
+    # h A2 rows [2, 2], [4, 8] -> [6, 10]; (h A2) B2 rows [2, 0], [4, -4] -> [6, 4].
+    np.testing.assert_array_equal(magnitudes["first"]["lora_a"], [4, 2])
+    np.testing.assert_array_equal(magnitudes["first"]["lora_b"], [4, 2, 2])
+    np.testing.assert_array_equal(magnitudes["second"]["lora_a"], [6, 10])
+    np.testing.assert_array_equal(magnitudes["second"]["lora_b"], [6, 4])
+    _, all_grads, every = programs.accumulated_grads(MaskedSteps(inner_steps=1, threshold=0.5,
+                                                                 magnitude_positions="all"), params, (), frozen,
+                                                     batch, None)
+    np.testing.assert_array_equal(every["first"]["lora_a"], [8, 2])  # the first test's numbers
+    np.testing.assert_array_equal(every["second"]["lora_b"], [10, 12])
+    for g, h in zip(jax.tree.leaves(grads), jax.tree.leaves(all_grads)):  # the weights change no gradient
+        np.testing.assert_array_equal(g, h)
+
+    class Unnamed(TwoLayers):
+        def __call__(self, x):
+            return self.second(self.first(x))
+
+    graphdef = nnx.split(Unnamed(), models.LoRAParam, ...)[0]
+    programs = Programs(graphdef, family=SumOfOutputs(), lr=1e-3, warmup_steps=0, max_grad_norm=1.0,
+                        weight_decay=0.0, donate=False)
+    with pytest.raises(ValueError, match="reads sequence None"):
+        programs.accumulated_grads(MaskedSteps(inner_steps=1, threshold=0.5), params, (), frozen, batch, None)
+    batch["positions"] = np.ones((1, 2), np.float32)  # not the projections' positions
+    with pytest.raises(ValueError, match="does not match the sequence's position weights"):
+        Programs(nnx.split(TwoLayers(), models.LoRAParam, ...)[0], family=SumOfOutputs(), lr=1e-3, warmup_steps=0,
+                 max_grad_norm=1.0, weight_decay=0.0, donate=False).accumulated_grads(
+            MaskedSteps(inner_steps=1, threshold=0.5), params, (), frozen, batch, None)
+
+
+def test_each_family_weighs_positions_up_to_the_longest_real_row():
+    """T5: the inputs up to the longest input, the decoder up to the longest target; a decoder LM: prompt + target
+    up to the longest; filler rows (no labels: one EOS, kif_jax/data/batching.py) weigh nothing."""
+    mask = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0]], np.int32)  # 2 rows, a filler row
+    labels = np.full((3, 5), -100, np.int32)
+    labels[0, :2], labels[1, :1] = 7, 8
+    weights = models.Seq2SeqFamily().position_weights({"attention_mask": mask, "labels": labels})
+    np.testing.assert_array_equal(weights[ENCODER], [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0], [0] * 6])
+    np.testing.assert_array_equal(weights[DECODER], [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [0] * 5])
+    causal = np.full((3, 6), -100, np.int32)
+    causal[0, 1:3], causal[1, 2:4] = 7, 8
+    weights = models.CausalFamily().position_weights({"attention_mask": mask, "labels": causal})
+    assert set(weights) == {DECODER}
+    np.testing.assert_array_equal(weights[DECODER], [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0], [0] * 6])
+
+
 def test_first_task_is_plain_and_the_threshold_is_checked():
     method = MIGU(tiny_config.get_config())
     assert method.cycle(SimpleNamespace(phase=0), 0, 2) == (Program(inner_steps=2), [])
     program, extra = method.cycle(SimpleNamespace(phase=1), 0, 2)
-    assert program == MaskedSteps(inner_steps=2, threshold=0.7) and extra == []
+    assert program == MaskedSteps(inner_steps=2, threshold=0.7, magnitude_positions="authors") and extra == []
     config = tiny_config.get_config()
+    config.migu.magnitude_positions = "all"
+    assert MIGU(config).cycle(SimpleNamespace(phase=1), 0, 2)[0].magnitude_positions == "all"
     config.migu.threshold = 1.0
     with pytest.raises(ConfigError, match="migu.threshold"):
+        validate_config(config)
+    config = tiny_config.get_config()
+    config.migu.magnitude_positions = "padding"
+    with pytest.raises(ConfigError, match="migu.magnitude_positions"):
         validate_config(config)
 
 

@@ -68,6 +68,10 @@ class Program:
     #: last-axis slices produces (LoRA A: its r outputs; B and kernels: the layer's outputs); see
     #: `kif_jax.models.layers.capture_output_magnitudes`. Only programs that read them pay for them.
     capture_magnitudes: ClassVar[bool] = False
+    #: Which positions those sums count: "authors" those a collator that pads each micro-batch to its longest
+    #: row would give the model (the family's `position_weights`: no bucket padding beyond that row, no filler
+    #: rows), "all" every position of kif_jax's padded batch. A program may make it a field of its own.
+    magnitude_positions: ClassVar[str] = "authors"
     #: Appended to the "compiling a training cycle of N steps" progress line.
     label: ClassVar[str] = ""
 

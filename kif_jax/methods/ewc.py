@@ -1,5 +1,5 @@
 """EWC (Kirkpatrick et al. 2017, PNAS 114(13)), as the TRACE benchmark's LLM code runs it
-(BeyonderXX/TRACE @ 462e39f, model/Regular/EWC.py); docs/audit/ewc.md is the item-by-item audit.
+(BeyonderXX/TRACE @ 462e39f, model/Regular/EWC.py); the audit table in docs/baselines.md is the item-by-item audit.
 
 Default, `ewc.fisher = "trace"` (TRACE's form): the Fisher is accumulated DURING training. After every
 optimizer step of every task (the first included), F += g^2 / S, where g is the step's gradient of the
@@ -16,7 +16,7 @@ at each task end, F += the mean over ewc.fisher_batches (8) batches of train.bat
 task's training set (numpy rng seeded (config.seed, task, EWC stream)) of the squared gradient of the
 batch's mean token loss, without dropout; a non-finite batch is left out. The same penalty, theta*.
 
-Where we differ from TRACE (reasons in docs/audit/ewc.md):
+Where we differ from TRACE (reasons in the audit table in docs/baselines.md):
 - g leaves out the penalty's gradient by default. TRACE's gradient hook sees cross-entropy + penalty, so its
   F feeds on itself (F += s (g_ce + lambda F (theta - theta*))^2): negligible at TRACE's lambda x lr
   (400 x 1e-5), a runaway at this benchmark's (on the tiny test config at lambda 5000, mean F reached 3e10
@@ -29,7 +29,7 @@ Where we differ from TRACE (reasons in docs/audit/ewc.md):
 `ewc.lambda_` (`lambda` is a Python keyword, which ml_collections cannot parse in a --config override):
 TRACE's default is 400 for its own F scale (full fine-tuning of LLaMA-2-7B, micro-batches of 2, 8
 accumulation steps: F = epochs / 64 x mean micro-batch g^2), which does not carry over; kif_jax's value is
-to be chosen on dev data by a rule fixed before the choice (README, docs/baselines.md).
+to be chosen on dev data by a rule fixed before the choice (docs/experiments.md).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""O-LoRA (Wang et al. 2023; the authors' code cmnfriend/O-LoRA @ 07117e1, audited in docs/audit/o_lora.md).
+"""O-LoRA (Wang et al. 2023; the authors' code cmnfriend/O-LoRA @ 07117e1, audited item by item in docs/baselines.md).
 
 Every adapted projection has a frozen "old" branch (all earlier tasks' factors side by side:
 A [in, r_sum], B [r_sum, out]; peft's A rows are our A columns) and a trained "new" branch (rank r). The

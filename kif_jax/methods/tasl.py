@@ -1,5 +1,5 @@
 """TaSL (Feng et al., ACL 2024): skill units consolidated at task ends, as the authors' code runs it
-(WoodScene/TaSL @ d7a0c4fee7eeca1fc97d12f3ba3fdff4cf41bd17; item by item in docs/audit/tasl.md).
+(WoodScene/TaSL @ d7a0c4fee7eeca1fc97d12f3ba3fdff4cf41bd17; item by item in docs/baselines.md).
 
 AdaLoRA importance per element, I = |theta * grad|, with I_bar, U_bar EMAs (tasl.beta1 = tasl.beta2 =
 0.85), theta after the step and grad the step's gradient clipped to train.max_grad_norm, after every

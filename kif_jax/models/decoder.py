@@ -26,6 +26,7 @@ from kif_jax.errors import ConfigError
 from kif_jax.models.architectures import ATTENTION_TYPES, architecture, decoder_features
 from kif_jax.models.gemma3 import LOCAL_THETA, layer_pattern
 from kif_jax.models.layers import (
+    DECODER,
     Dense,
     Embed,
     KeyStream,
@@ -37,6 +38,7 @@ from kif_jax.models.layers import (
     dropout_keys,
     mask_bias,
     merge_lora,  # noqa: F401 - the decoder family's merge (one implementation for every family)
+    reading,
     remat_layer,
     softmax_parts,
 )
@@ -760,8 +762,9 @@ class DecoderLM(nnx.Module):
         allowed = jnp.tril(jnp.ones((t, t), bool))[None] & mask[:, None, :]  # [B, T, T]
         positions = positions_from_mask(mask)
         biases = {kind: self._bias(kind, allowed, positions, positions) for kind in dict.fromkeys(self.config.layer_types)}
-        h, _, _ = self._layers(self.model.embed(input_ids), positions, biases, None, deterministic=deterministic,
-                               rngs=rngs)
+        with reading(DECODER):  # one sequence: every projection reads its positions (layers.capture_output_magnitudes)
+            h, _, _ = self._layers(self.model.embed(input_ids), positions, biases, None, deterministic=deterministic,
+                                   rngs=rngs)
         return h
 
     @property
@@ -785,7 +788,8 @@ class DecoderLM(nnx.Module):
         if self.config.tie_word_embeddings:
             return head_logits(self.output_head(), h)
         rngs = dropout_keys(deterministic, rngs)
-        logits = self.lm_head(h, deterministic=deterministic, rngs=rngs).astype(jnp.float32)
+        with reading(DECODER):
+            logits = self.lm_head(h, deterministic=deterministic, rngs=rngs).astype(jnp.float32)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else soft_cap(logits, cap)
 

@@ -18,7 +18,7 @@ from flax import nnx
 
 from kif_jax.data.batching import IGNORE_INDEX, TokenizedDataset, tokenize_causal_records, tokenize_records
 from kif_jax.errors import ConfigError
-from kif_jax.models.layers import LoRAConfig, dropout_keys
+from kif_jax.models.layers import DECODER, ENCODER, LoRAConfig, dropout_keys
 
 Batch = dict[str, jax.Array]
 
@@ -35,6 +35,11 @@ class ModelFamily(Protocol):
     def token_loss(self, model: nnx.Module, batch: Batch, *, key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         """Mean cross-entropy over the batch's target tokens and their count (dropout iff `key`)."""
 
+    def position_weights(self, batch: Batch) -> dict[str, jax.Array]:
+        """Float32 [mb, length] weights of each sequence a training micro-batch's projections read
+        (`layers.ENCODER`, `layers.DECODER`), for `layers.capture_output_magnitudes`: 1 below the
+        micro-batch's longest real row, 0 beyond it and in filler rows (see `longest_row_weights`)."""
+
     def greedy(self, model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array, *,
                max_new_tokens: int) -> jax.Array:
         """Greedy continuation int32 [B, max_new_tokens] of a decoding batch (traceable under jit)."""
@@ -49,6 +54,20 @@ def _masked_mean_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, j
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, labels, 0))
     count = jnp.sum(mask)
     return jnp.sum(nll * mask) / jnp.maximum(count, 1), count
+
+
+def longest_row_weights(real: jax.Array, examples: jax.Array) -> jax.Array:
+    """float32 [mb, L]: 1 at the positions below the longest of the `examples` rows [mb] (bool), in those
+    rows; 0 beyond that length and in every other row. `real` [mb, L] marks each row's real positions.
+
+    What a collator that pads each micro-batch to its longest row (Hugging Face's padding="longest")
+    would put in front of the model, as positions of kif_jax's longer padded batch: the rows' real
+    positions and the padding up to the longest; nothing of the bucket's extra padding nor of the
+    filler rows that complete an epoch's last batch (kif_jax/data/batching.py)."""
+    length = real.shape[-1]
+    ends = jnp.max(jnp.where(real.astype(bool), jnp.arange(1, length + 1), 0), axis=-1)  # last real position + 1
+    longest = jnp.max(jnp.where(examples, ends, 0))
+    return ((jnp.arange(length) < longest)[None, :] & examples[:, None]).astype(jnp.float32)
 
 
 LOSS_CHUNK = 16  # label positions per row whose logits the decoder loss computes together
@@ -169,6 +188,15 @@ class Seq2SeqFamily:
                        deterministic=not train, rngs=nnx.Rngs(dropout=key) if train else None)  # [mb, T, V]
         return _masked_mean_nll(logits, batch["labels"])
 
+    def position_weights(self, batch: Batch) -> dict[str, jax.Array]:
+        # The authors' T5 collator pads the inputs to the longest input and the labels (and the decoder
+        # inputs shifted from them) to the longest target (wenyudu/MIGU src/uie_collator.py:103-126); a
+        # filler row is the one without labels (every real row has at least its EOS).
+        labelled = batch["labels"] != IGNORE_INDEX
+        examples = jnp.any(labelled, axis=-1)
+        return {ENCODER: longest_row_weights(batch["attention_mask"], examples),
+                DECODER: longest_row_weights(labelled, examples)}
+
     def greedy(self, model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array, *,
                max_new_tokens: int) -> jax.Array:
         from kif_jax.models.generate import greedy_decode
@@ -211,6 +239,13 @@ class CausalFamily:
             return _masked_mean_nll(logits[:, :-1], labels)  # [mb, L - 1, V]
         hidden = model.hidden(batch["input_ids"], batch["attention_mask"], deterministic=not train, rngs=rngs)
         return _labelled_mean_nll(hidden[:, :-1], head, labels)
+
+    def position_weights(self, batch: Batch) -> dict[str, jax.Array]:
+        # One sequence, prompt + target, padded to the longest (the authors' decoder collator pads on the
+        # left, src/uie_collator.py:133; kif_jax's training rows are right-padded: the same number of
+        # positions per row); a filler row is the one without labels.
+        examples = jnp.any(batch["labels"] != IGNORE_INDEX, axis=-1)
+        return {DECODER: longest_row_weights(batch["attention_mask"], examples)}
 
     def greedy(self, model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array, *,
                max_new_tokens: int) -> jax.Array:

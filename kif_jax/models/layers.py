@@ -196,25 +196,55 @@ def mask_bias(mask: jax.Array) -> jax.Array:
 
 
 # --- layer-output magnitudes, for methods that read them (MIGU) -------------------------------
-_OUTPUT_TAPS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("kif_jax_output_taps", default=None)
+_OUTPUT_TAPS: contextvars.ContextVar["_Capture | None"] = contextvars.ContextVar("kif_jax_output_taps", default=None)
+_SEQUENCE: contextvars.ContextVar[str | None] = contextvars.ContextVar("kif_jax_sequence", default=None)
+
+#: The sequences a projection can read (`reading`): T5's encoder input (its self-attention and the
+#: cross-attention's keys and values) and the decoder's (T5's decoder, a decoder-only LM's one sequence).
+ENCODER, DECODER = "encoder", "decoder"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Capture:
+    taps: dict[str, dict[str, jax.Array]]
+    weights: dict[str, jax.Array] | None
 
 
 @contextlib.contextmanager
-def capture_output_magnitudes(taps: dict[str, dict[str, jax.Array]]) -> Iterator[None]:
+def capture_output_magnitudes(taps: dict[str, dict[str, jax.Array]],
+                              weights: dict[str, jax.Array] | None = None) -> Iterator[None]:
     """While tracing a loss inside this context, `Dense` layers report how large their outputs are.
 
     `taps` maps a projection's dotted path to {leaf name: probe}: "kernel" (the projection's output,
     bias included, before LoRA), "lora_a" (x A, the adapter's r features) and "lora_b" ((x A) B, before
     the LoRA scale). Each probe is a float32 zero vector over those features; the loss's gradient with
-    respect to it is the sum of |output| over every position of the batch (padding included), not a
-    true gradient (see `magnitude_tap`). The forward values and every other gradient are unchanged.
-    Reading them as gradients works through `jax.checkpoint` (train.remat) and scans alike.
+    respect to it is the summed |output| per feature, not a true gradient (see `magnitude_tap`).
+
+    `weights` None: the sum runs over every position of the batch (padding included). Otherwise it maps
+    each sequence (`ENCODER`, `DECODER`) to float32 position weights [rows, length]: a projection's output
+    [rows, length, F] counts sum |y| * weight, with the weights of the sequence it reads, which the model
+    names around its calls (`reading`); a tapped projection outside any `reading`, or whose output's leading
+    shape is not its weights', is an error (no guessing by shape). The forward values and every other
+    gradient are unchanged. Reading them as gradients works through `jax.checkpoint` (train.remat) and
+    scans alike.
     """
-    token = _OUTPUT_TAPS.set(taps)
+    token = _OUTPUT_TAPS.set(_Capture(taps, weights))
     try:
         yield
     finally:
         _OUTPUT_TAPS.reset(token)
+
+
+@contextlib.contextmanager
+def reading(sequence: str) -> Iterator[None]:
+    """The projections called inside read `sequence` (`ENCODER` or `DECODER`): a model says so around its
+    stacks (and T5 around its cross-attention's keys and values), so that `capture_output_magnitudes`
+    weighs each projection's positions by its own sequence's weights. Nothing else reads it."""
+    token = _SEQUENCE.set(sequence)
+    try:
+        yield
+    finally:
+        _SEQUENCE.reset(token)
 
 
 @jax.custom_vjp
@@ -234,9 +264,48 @@ def _tap_bwd(magnitudes: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]
 magnitude_tap.defvjp(_tap_fwd, _tap_bwd)
 
 
-def _tap(y: jax.Array, taps: dict | None, name: str) -> jax.Array:
+@jax.custom_vjp
+def weighted_magnitude_tap(y: jax.Array, probe: jax.Array, weight: jax.Array) -> jax.Array:
+    """Identity on `y` [..., F]; the "gradient" of `probe` [F] is sum |y| * weight over the leading positions
+    (`weight` shaped like y's leading axes; positions of weight 0 add exactly nothing, whatever y holds there)."""
+    return y
+
+
+def _weighted_tap_fwd(y: jax.Array, probe: jax.Array, weight: jax.Array) -> tuple[jax.Array, tuple]:
+    w = weight.astype(jnp.float32)[..., None]
+    counted = jnp.where(w != 0, jnp.abs(y.astype(jnp.float32)) * w, 0.0)
+    return y, (jnp.sum(counted, axis=tuple(range(y.ndim - 1))), weight)
+
+
+def _weighted_tap_bwd(res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    magnitudes, weight = res
+    return g, magnitudes, jnp.zeros_like(weight)  # the weights are data: no gradient
+
+
+weighted_magnitude_tap.defvjp(_weighted_tap_fwd, _weighted_tap_bwd)
+
+
+def _position_weight(capture: "_Capture | None", path: str, x: jax.Array) -> jax.Array | None:
+    """The position weights of the sequence a tapped projection (input `x` [..., in]) reads (None: every
+    position counts)."""
+    if capture is None or capture.weights is None:
+        return None
+    sequence = _SEQUENCE.get()
+    if sequence not in capture.weights:
+        raise ValueError(f"projection {path!r} is tapped with position weights for {sorted(capture.weights)} but "
+                         f"reads sequence {sequence!r}: its model must call it inside `layers.reading(...)`")
+    weight = capture.weights[sequence]
+    if tuple(weight.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"projection {path!r} reads sequence {sequence!r}: its input {tuple(x.shape)} does not "
+                         f"match the sequence's position weights {tuple(weight.shape)}")
+    return weight
+
+
+def _tap(y: jax.Array, taps: dict | None, name: str, weight: jax.Array | None) -> jax.Array:
     probe = None if taps is None else taps.get(name)
-    return y if probe is None else magnitude_tap(y, probe)
+    if probe is None:
+        return y
+    return magnitude_tap(y, probe) if weight is None else weighted_magnitude_tap(y, probe, weight)
 
 
 class Dense(nnx.Module):
@@ -264,15 +333,17 @@ class Dense(nnx.Module):
             self.lora_dropout = float(lora.dropout)
 
     def __call__(self, x: jax.Array, *, deterministic: bool = True, rngs: RngsLike = None) -> jax.Array:
-        taps = (_OUTPUT_TAPS.get() or {}).get(self.path)  # a trace-time lookup: None outside the capture
+        capture = _OUTPUT_TAPS.get()  # a trace-time lookup: None outside the capture
+        taps = None if capture is None else capture.taps.get(self.path)
+        weight = None if taps is None else _position_weight(capture, self.path, x)
         y = jnp.dot(x, self.kernel[...].astype(self.dtype))
         if self.use_bias:
             y = y + self.bias[...].astype(self.dtype)
-        y = _tap(y, taps, "kernel")
+        y = _tap(y, taps, "kernel", weight)
         if self.has_lora:
             h = dropout(x, self.lora_dropout, deterministic, rngs)
-            h = _tap(jnp.dot(h, self.lora_a[...].astype(self.dtype)), taps, "lora_a")
-            h = _tap(jnp.dot(h, self.lora_b[...].astype(self.dtype)), taps, "lora_b")
+            h = _tap(jnp.dot(h, self.lora_a[...].astype(self.dtype)), taps, "lora_a", weight)
+            h = _tap(jnp.dot(h, self.lora_b[...].astype(self.dtype)), taps, "lora_b", weight)
             y = y + h * jnp.asarray(self.lora_scale, self.dtype)
         return y
 

@@ -20,6 +20,8 @@ from flax import nnx
 
 from kif_jax.errors import ConfigError
 from kif_jax.models.layers import (  # noqa: F401 - LoRAConfig, LoRAParam, Dense, Embed, RMSNorm, merge_lora re-exported
+    DECODER,
+    ENCODER,
     MASKED as _MASKED,
     Dense,
     Embed,
@@ -34,6 +36,7 @@ from kif_jax.models.layers import (  # noqa: F401 - LoRAConfig, LoRAParam, Dense
     lora_modules,
     mask_bias as _mask_bias,
     merge_lora,
+    reading,
     remat_layer,
     softmax_parts,
 )
@@ -320,7 +323,8 @@ class Block(nnx.Module):
         x = self._residual(x, self.self_attention.attend(h, k, v, position_bias, mask_bias, **kw), deterministic, rngs)
         if self.is_decoder:
             h = self.cross_attention_norm(x)
-            k, v = self.cross_attention.project_kv(encoder_hidden, **kw)
+            with reading(ENCODER):  # the keys and values read the encoder's positions, the queries the decoder's
+                k, v = self.cross_attention.project_kv(encoder_hidden, **kw)
             x = self._residual(x, self.cross_attention.attend(h, k, v, None, encoder_mask_bias, **kw),
                                deterministic, rngs)
         return self._residual(x, self.ff(self.ff_norm(x), **kw), deterministic, rngs)
@@ -423,7 +427,8 @@ class T5(nnx.Module):
         """input_ids [B, S] -> encoder output [B, S, D] (reusable across decoding steps)."""
         rngs = _dropout_keys(deterministic, rngs)
         mask_bias = None if attention_mask is None else _mask_bias(attention_mask)[:, None, None, :]
-        return self.encoder(self.shared(input_ids), mask_bias, deterministic=deterministic, rngs=rngs)
+        with reading(ENCODER):  # which positions a projection's output has (layers.capture_output_magnitudes)
+            return self.encoder(self.shared(input_ids), mask_bias, deterministic=deterministic, rngs=rngs)
 
     def decode(self, decoder_input_ids: jax.Array, encoder_hidden: jax.Array,
                encoder_attention_mask: jax.Array | None = None, decoder_attention_mask: jax.Array | None = None,
@@ -435,9 +440,10 @@ class T5(nnx.Module):
         if decoder_attention_mask is not None:
             causal = causal & decoder_attention_mask.astype(bool)[:, None, None, :]
         cross = None if encoder_attention_mask is None else _mask_bias(encoder_attention_mask)[:, None, None, :]
-        h = self.decoder(self.shared(decoder_input_ids), _mask_bias(causal), encoder_hidden=encoder_hidden,
-                         encoder_mask_bias=cross, deterministic=deterministic, rngs=rngs)
-        return self.logits(h, deterministic=deterministic, rngs=rngs)
+        with reading(DECODER):  # but the cross-attention's keys and values read the ENCODER (Block)
+            h = self.decoder(self.shared(decoder_input_ids), _mask_bias(causal), encoder_hidden=encoder_hidden,
+                             encoder_mask_bias=cross, deterministic=deterministic, rngs=rngs)
+            return self.logits(h, deterministic=deterministic, rngs=rngs)
 
     def logits(self, h: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
         """Decoder output [..., D] -> float32 logits [..., V] (v1.0: scaled, tied to the embedding)."""

@@ -170,11 +170,15 @@ class Programs:
             return loss_sum / n_micro, jax.tree.map(lambda g: g / n_micro, grad_sum), None
 
         # Each trainable tensor gets a zero probe over its last axis; the layers' taps return the summed
-        # |output| of the features that axis produces as the probe's "gradient" (kif_jax/models/layers.py).
+        # |output| of the features that axis produces as the probe's "gradient" (kif_jax/models/layers.py),
+        # over the positions `program.magnitude_positions` names, per micro-batch.
         probes = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p)[-1:], jnp.float32), params)
+        if program.magnitude_positions not in ("authors", "all"):
+            raise ValueError(f"magnitude_positions must be 'authors' or 'all', got {program.magnitude_positions!r}")
 
         def tapped_loss(p: Any, probe: Any, micro: Batch, k: jax.Array | None) -> jax.Array:
-            with capture_output_magnitudes(_magnitude_taps(probe)):
+            weights = self.family.position_weights(micro) if program.magnitude_positions == "authors" else None
+            with capture_output_magnitudes(_magnitude_taps(probe), weights):
                 return loss(p, micro, k)
 
         grad_fn = jax.value_and_grad(tapped_loss, argnums=(0, 1))
