@@ -3,7 +3,8 @@
     python tools/collect_run.py ~/runs/smollm2/o5 results/smollm2_o5 --log ~/runs/smollm2/o5.log
 
 For every finished method of the workdir (one with results.json): its results.json, predictions.jsonl and
-metrics.jsonl into DEST/<method>/; the progress log into DEST/run.log; then DEST/report/ is rebuilt by
+metrics.jsonl into DEST/<method>/; the progress log into DEST/run.log (give --log only for the run whose
+evaluation times tools/smollm2_table.py reads); then DEST/report/ is rebuilt over every method in DEST by
 `python -m kif_jax.compare DEST` and, with Replay among several methods, `... --baseline replay`. Checkpoints
 and figures stay behind. Then `python tools/smollm2_table.py DEST` prints the README's rows.
 """
@@ -37,7 +38,8 @@ def main(argv=None) -> int:
         shutil.copyfile(args.log, args.dest / "run.log")
     shutil.rmtree(args.dest / "report", ignore_errors=True)  # rows of a baseline no longer present go too
     status = compare.main([str(args.dest)])
-    if status == 0 and "replay" in finished and len(finished) > 1:
+    collected = sorted(p.parent.name for p in args.dest.glob("*/results.json"))  # this run's and earlier ones
+    if status == 0 and "replay" in collected and len(collected) > 1:
         status = compare.main([str(args.dest), "--baseline", "replay"])
     print(f"\ncollected {', '.join(finished)} into {args.dest}")
     return status
