@@ -26,6 +26,9 @@ from kif_jax.errors import CheckpointError
 
 # Fields that may change between a run and its resumption without changing its results.
 _NOT_FINGERPRINTED = ("checkpoint", "sharding", "methods", "eval.batch_size")
+# Fields added after runs were made, with the value that gives those runs' results: at that value they are left
+# out of the fingerprint, so checkpoints written before the field existed still resume and serve as prefixes.
+_ADDED_WITH_DEFAULT = {"task_format": "", "eval.schedule": "full"}
 # The layout of the training state a checkpoint holds. 2: every method's own state under `TrainState.method`
 # (kif_jax/methods/); checkpoints without the field were written before (layout 1) and are refused.
 STATE_LAYOUT = 2
@@ -37,13 +40,21 @@ def config_fingerprint(config: ml_collections.ConfigDict, leave_out: Iterable[st
     """A hash of every field that affects results, to refuse resuming under a different config; `leave_out`:
     further fields or sections the run does not read (other methods' sections)."""
     flat = json.loads(config.to_json_best_effort())
-    for name in (*_NOT_FINGERPRINTED, *leave_out):
+    added = [name for name, default in _ADDED_WITH_DEFAULT.items() if _field(flat, name) == default]
+    for name in (*_NOT_FINGERPRINTED, *leave_out, *added):
         node = flat
         *parents, leaf = name.split(".")
         for parent in parents:
             node = node.get(parent, {})
         node.pop(leaf, None)
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _field(flat: dict, name: str) -> Any:
+    node: Any = flat
+    for part in name.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 class RunCheckpointer:

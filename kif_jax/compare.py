@@ -5,17 +5,21 @@
 Every finished method of WORKDIR (a `<method>/results.json` beside its `predictions.jsonl`) is
 compared with the baseline (default `seq_lora`) on the metrics
 
-  op       mean final accuracy             bwt      backward transfer
-  avg      average accuracy along the sequence (metrics.avg)
-  learned  mean of R[j][j], each task's accuracy just after training it
+  op       mean final score                bwt      backward transfer
+  avg      average score along the sequence (metrics.avg)
+  learned  mean of R[j][j], each task's score just after training it
 
-as fractions, like results.json. Each difference (method minus baseline) comes with a 95% percentile
+as fractions, like results.json. The score is each example's `score` in predictions.jsonl (its task
+format's: 0 or 1 for classification, ROUGE-L for generation; records written before formats carry only
+`correct`, which gives it). Each difference (method minus baseline) comes with a 95% percentile
 bootstrap interval over test examples, stratified by task and paired: one resample draws, for each
 task, its n evaluated examples with replacement, and the same draw serves both methods and every
 row of the matrix (every evaluation of a task reads the same examples). The draws come from
 `numpy.random.default_rng(seed)` in a fixed order, so a rerun writes the same bytes. A difference is
-resolved when its interval excludes 0. Per task, the final accuracies are also compared by an exact
-two-sided McNemar test on the examples one method gets right and the other wrong.
+resolved when its interval excludes 0; a metric whose entries were not evaluated (Avg under
+eval.schedule = "diagonal") is left out. Where the scores are binary (every record has `correct`), the
+final accuracies per task are also compared by an exact two-sided McNemar test on the examples one
+method gets right and the other wrong.
 
 Each method's own metrics also get intervals from the same draws (`WORKDIR/report/intervals.json`, rows
 `{"method", "metric", "estimate", "ci_low", "ci_high", "resamples"}`, and intervals.md); a workdir with one
@@ -52,49 +56,64 @@ _CHUNK = 500  # resamples drawn per batch: fixed, so the draws (and the bytes wr
 
 @dataclasses.dataclass
 class MethodPredictions:
-    """One method's per-example correctness: `correct[(row, task)]` bool [n_task] in example order."""
+    """One method's per-example scores: `scores[(row, task)]` float64 [n_task] in example order; `binary`: every
+    score is a 0/1 correctness (the records carry `correct`)."""
 
     name: str
     tasks: list[str]
-    correct: dict[tuple[int, int], np.ndarray]
+    scores: dict[tuple[int, int], np.ndarray]
     examples: dict[int, list[tuple[int, Any, str]]]  # task -> [(index, id, label)], to check pairing
+    binary: bool = True
+
+    @property
+    def correct(self) -> dict[tuple[int, int], np.ndarray]:
+        """The scores as booleans (binary scores only)."""
+        if not self.binary:
+            raise DataError(f"method {self.name}: its scores are not binary")
+        return {key: values > 0.5 for key, values in self.scores.items()}
 
     @property
     def joint(self) -> bool:
         """One phase evaluated on every task (MTL): only its final row exists."""
-        return {row for row, _ in self.correct} == {len(self.tasks) - 1} and len(self.tasks) > 1
+        return {row for row, _ in self.scores} == {len(self.tasks) - 1} and len(self.tasks) > 1
 
     def matrix(self) -> np.ndarray:
-        """The accuracy matrix these records give (NaN where not evaluated)."""
+        """The score matrix these records give (NaN where not evaluated): each entry the mean score."""
         b = len(self.tasks)
         R = np.full((b, b), np.nan)
-        for (row, task), hits in self.correct.items():
-            R[row, task] = hits.mean()
+        for (row, task), values in self.scores.items():
+            R[row, task] = values.mean()
         return R
 
 
-def load_predictions(path: pathlib.Path, name: str, tasks: Sequence[str]) -> MethodPredictions:
-    """Read `predictions.jsonl` of a method trained on `tasks` (zero-shot records, after_task -1, are skipped)."""
+def load_predictions(path: pathlib.Path, name: str, tasks: Sequence[str], *, field: str = "score") -> MethodPredictions:
+    """Read `predictions.jsonl` of a method trained on `tasks` (zero-shot records, after_task -1, are skipped).
+
+    `field`: the per-example value to read, `score` (a record without one, written before task formats, scores
+    float(correct)) or another of the format's fields (e.g. "exact_match")."""
     if not path.is_file():
         raise DataError(f"{path}: no predictions file (runs written before per-example predictions cannot be "
                         f"compared; rerun the method)")
     index = {t: j for j, t in enumerate(tasks)}
-    rows: dict[tuple[int, int], list[tuple[int, Any, str, bool]]] = {}
+    rows: dict[tuple[int, int], list[tuple[int, Any, str, float]]] = {}
+    binary = True
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             try:
                 r = json.loads(line)
                 key = (int(r["after_task"]), index[r["task"]])
-                entry = (int(r["index"]), r.get("id"), str(r["label"]), bool(r["correct"]))
+                value = r[field] if field != "score" or "score" in r else r["correct"]
+                entry = (int(r["index"]), r.get("id"), str(r["label"]), float(value))
             except (ValueError, KeyError, TypeError) as err:
                 raise DataError(f"{path}:{n}: not a prediction record ({type(err).__name__}: {err})") from None
+            binary = binary and "correct" in r
             if key[0] >= 0:
                 rows.setdefault(key, []).append(entry)
     if not rows:
         raise DataError(f"{path}: no predictions after any task")
     phases = sorted({row for row, _ in rows})
     joint = phases == [0] and len(tasks) > 1 and len({task for _, task in rows}) == len(tasks)
-    correct, examples = {}, {}
+    scores, examples = {}, {}
     for (row, task), entries in sorted(rows.items()):
         entries.sort()
         if [e[0] for e in entries] != list(range(len(entries))):
@@ -102,8 +121,8 @@ def load_predictions(path: pathlib.Path, name: str, tasks: Sequence[str]) -> Met
         seen = [(i, ident, label) for i, ident, label, _ in entries]
         if examples.setdefault(task, seen) != seen:
             raise DataError(f"{path}: task {tasks[task]} was evaluated on different examples after different tasks")
-        correct[(len(tasks) - 1 if joint else row, task)] = np.array([e[3] for e in entries], bool)
-    return MethodPredictions(name, list(tasks), correct, examples)
+        scores[(len(tasks) - 1 if joint else row, task)] = np.array([e[3] for e in entries], np.float64)
+    return MethodPredictions(name, list(tasks), scores, examples, binary=binary and field in ("score", "correct"))
 
 
 def _metric(name: str, R: np.ndarray) -> np.ndarray:
@@ -153,9 +172,9 @@ def _bootstrap_matrices(methods: Sequence[MethodPredictions], sizes: Sequence[in
         for j, n in enumerate(sizes):
             weights = rng.multinomial(n, np.full(n, 1.0 / n), size=stop - start) / n  # [chunk, n]
             for m in methods:
-                for (row, task), hits in m.correct.items():
+                for (row, task), values in m.scores.items():
                     if task == j:
-                        boot[m.name][start:stop, row, j] = weights @ hits.astype(np.float64)
+                        boot[m.name][start:stop, row, j] = weights @ values
     return boot
 
 
@@ -207,8 +226,11 @@ def compare(methods: Sequence[MethodPredictions], baseline: str, *, resamples: i
             rows.append({"method": m.name, "baseline": baseline, "metric": metric, "estimate": estimate,
                          "ci_low": low, "ci_high": high, "resamples": resamples})
     for m in others:
+        if not (m.binary and base.binary):
+            continue  # McNemar compares right / wrong: binary scores only
+        mine_all, theirs_all = m.correct, base.correct
         for j, task in enumerate(base.tasks):
-            mine, theirs = m.correct[(b - 1, j)], base.correct[(b - 1, j)]
+            mine, theirs = mine_all[(b - 1, j)], theirs_all[(b - 1, j)]
             only_m, only_b = int(np.sum(mine & ~theirs)), int(np.sum(~mine & theirs))
             rows.append({"method": m.name, "baseline": baseline, "metric": "mcnemar", "task": task,
                          "estimate": float(mine.mean() - theirs.mean()), "method_only": only_m,

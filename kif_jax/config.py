@@ -22,12 +22,18 @@ from kif_jax.errors import ConfigError
 
 SYNTHETIC_DATA = "synthetic"
 DATA_DIR_ENV = "KIF_DATA_DIR"
+SUPERNI_DIR_ENV = "KIF_SUPERNI_DIR"
+SUPERNI_BENCHMARKS = ("superni", "superni_gen5")
 
 
-def default_data_dir() -> str:
+def default_data_dir(benchmark: str = "") -> str:
     """The benchmark directory every config defaults to: $KIF_DATA_DIR, else ../shared/cl_benchmark beside
-    the checkout (the directory that holds this repository)."""
-    return os.environ.get(DATA_DIR_ENV) or str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "cl_benchmark")
+    the checkout (the directory that holds this repository); for the SuperNI benchmarks ("superni",
+    "superni_gen5") $KIF_SUPERNI_DIR, else ../shared/superni_benchmark."""
+    shared = pathlib.Path(__file__).resolve().parents[2] / "shared"
+    if benchmark in SUPERNI_BENCHMARKS:
+        return os.environ.get(SUPERNI_DIR_ENV) or str(shared / "superni_benchmark")
+    return os.environ.get(DATA_DIR_ENV) or str(shared / "cl_benchmark")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -36,9 +42,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 42  # every random choice (init, LoRA A, shuffling, buffer, dropout) derives from it
     c.methods = "recurrent_kif"  # comma-separated registry names (kif_jax/methods/) or module:Class; run in turn
     c.data_dir = ""  # benchmark directory (<split>/<task>.json), or "synthetic" for generated tasks
-    c.benchmark = ""  # "standard" (orders 4-6) or "long" (orders 1-3); alone it means its first order
-    c.order = 0  # task order 1-6 of the benchmark; 0 = take it from `benchmark` or `tasks`
+    # "standard" (orders 4-6), "long" (orders 1-3), "superni" or "superni_gen5" (orders 1-2); alone, its first order
+    c.benchmark = ""
+    c.order = 0  # task order of the benchmark (1-6 without one); 0 = take it from `benchmark` or `tasks`
     c.tasks = ""  # comma-separated task list; overrides benchmark/order when set
+    # How the tasks' files are read, prompted and scored (kif_jax/tasks/): "classification", "generation" or
+    # module:Class; "" = the benchmark's (generation for superni and superni_gen5, else classification)
+    c.task_format = ""
 
     c.synthetic = ml_collections.ConfigDict()  # used only when data_dir == "synthetic"
     c.synthetic.n_train = 400  # training examples per synthetic task
@@ -109,6 +119,10 @@ def base_config() -> ml_collections.ConfigDict:
     # settings). "dev" leaves out every dev example whose input is among the evaluated test examples
     # (the benchmark's dev and test files overlap for several tasks), so a choice never reads them.
     c.eval.split = "test"
+    # After which tasks each task is evaluated: "full" (after every task, each task seen so far: the whole
+    # lower triangle) or "diagonal" (after each task only that task, after the last every task: OP, BWT and
+    # learned exact for 2B - 1 evaluations instead of B(B+1)/2; Avg missing)
+    c.eval.schedule = "full"
 
     c.logging = ml_collections.ConfigDict()
     # Progress lines (when stderr is not a terminal): one every this many steps; 0 = about 10 a task.
@@ -167,6 +181,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.prompt_template": ("none", "alpaca", "chat"),
     "eval.mode": ("generate", "score"),
     "eval.split": ("test", "dev"),
+    "eval.schedule": ("full", "diagonal"),
     "model.tiny.feed_forward_proj": ("relu", "gated-gelu"),
     "train.on_nonfinite": ("stop", "skip"),
     "train.prng_impl": ("rbg", "threefry"),
@@ -278,6 +293,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("no tasks: set config field 'tasks', 'order' or 'benchmark'")
     if config.model.trainable == "lora" and not split_list(config.model.lora.targets):
         raise ConfigError("config field 'model.lora.targets' is empty")
+    if config.eval.schedule == "diagonal" and config.eval.all_tasks:
+        raise ConfigError("config field 'eval.schedule' is 'diagonal' (after each task only that task) but "
+                          "eval.all_tasks asks for every task after every task; set one of them")
+    from kif_jax.tasks import run_format
+
+    fmt = run_format(config)  # an unknown format is one line
+    if config.eval.mode == "score" and not fmt.has_options:
+        raise ConfigError(f"config field 'eval.mode' is 'score' (rank the label options), but task format "
+                          f"'{fmt.name}' has no label options; use eval.mode=generate")
 
 
 def field_docs() -> dict[str, str]:

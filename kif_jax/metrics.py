@@ -1,7 +1,8 @@
-"""Continual-learning metrics on an accuracy matrix, exact-match accuracy, tables and `results.json`.
+"""Continual-learning metrics on a score matrix, exact-match accuracy, tables and `results.json`.
 
-R[i][j] is the test accuracy on task j after training on task i (0-based here; NaN where not
-evaluated). With B = the number of rows (tasks trained), as in docs/algorithm.md:
+R[i][j] is the test score on task j after training on task i (0-based here; NaN where not evaluated): the
+accuracy for classification tasks, the mean ROUGE-L for generation (the task format's score, kif_jax/tasks/;
+every formula below holds for either). With B = the number of rows (tasks trained), as in docs/algorithm.md:
 
   OP  = mean_j R[B-1][j]                                      (over the B tasks)
   BWT = mean_{j < B-1} (R[B-1][j] - R[j][j])                  (needs B >= 2)
@@ -17,8 +18,13 @@ accuracies are fractions in [0, 1], and `null` stands for "not evaluated" / "und
   schema_version    int, 1
   method            str, e.g. "recurrent_kif", "seq_lora", "replay", "mtl"
   tasks             list[str], the B tasks in training order
+  metric            str, what the matrix holds where it is not accuracy (the task format's `metric`, e.g.
+                    "ROUGE-L"); absent = accuracy
   accuracy_matrix   list[list[float | null]], B x B, row i = after training task i,
-                    column j = test accuracy on task j
+                    column j = test accuracy (or `metric`) on task j; null = not evaluated
+                    (eval.schedule = "diagonal" leaves all but the diagonal and the last row out)
+  also              dict[str, matrix] | absent, the task format's other per-example scores, aggregated
+                    into matrices of the same shape (the generation format's "exact_match")
   zero_shot         list[float | null] | null, accuracy of the untrained model on each task
   op                float | null, overall performance (null if a final-row entry is missing)
   bwt               float | null, backward transfer (null for B = 1)
@@ -117,9 +123,11 @@ def _pct(value: float | None, signed: bool = False) -> str:
 
 
 def accuracy_table(
-    R: Any, tasks: Sequence[str], *, method: str | None = None, zero_shot: Sequence[float | None] | None = None
+    R: Any, tasks: Sequence[str], *, method: str | None = None, zero_shot: Sequence[float | None] | None = None,
+    metric: str = "accuracy",
 ) -> str:
-    """A readable table in percent: one row per training stage, one column per task, then OP/BWT/FWT."""
+    """A readable table in percent: one row per training stage, one column per task, then OP/BWT/FWT.
+    `metric`: what the matrix holds (a results.json's "metric")."""
     arr = _matrix(R)
     if len(tasks) != arr.shape[1]:
         raise ValueError(f"{len(tasks)} task names for {arr.shape[1]} matrix columns")
@@ -128,7 +136,7 @@ def accuracy_table(
     widths = [max(6, len(t)) for t in tasks]
     lines = []
     if method:
-        lines.append(f"{method}: test accuracy (%) on each task (columns) after training each task (rows)")
+        lines.append(f"{method}: test {metric} (%) on each task (columns) after training each task (rows)")
     lines.append("  ".join([head.ljust(first)] + [t.rjust(w) for t, w in zip(tasks, widths)]))
     if zero_shot is not None:
         lines.append("  ".join(["zero-shot".ljust(first)] + [_pct(v).rjust(w) for v, w in zip(zero_shot, widths)]))
@@ -179,8 +187,11 @@ def make_results(
     zero_shot: Sequence[float | None] | None = None,
     config: Mapping[str, Any] | None = None,
     timing: Mapping[str, float] | None = None,
+    metric: str = "accuracy",
+    also: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The `results.json` dict (see RESULTS_SCHEMA): matrix and metrics with NaN written as None."""
+    """The `results.json` dict (see RESULTS_SCHEMA): matrix and metrics with NaN written as None. `metric`:
+    what the matrix holds (written where it is not accuracy); `also`: further matrices of the same shape."""
     arr = _matrix(R)
     b = arr.shape[0]
     if arr.shape != (b, b) or len(tasks) != b:
@@ -189,10 +200,14 @@ def make_results(
     if finite.size and (finite.min() < 0 or finite.max() > 1):
         raise ValueError("accuracies must be fractions in [0, 1] (got values outside; percent?)")
     diag = np.diag(arr)
+    head: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "method": method, "tasks": list(tasks)}
+    if metric != "accuracy":
+        head["metric"] = metric
+    extra = {}
+    if also:
+        extra["also"] = {name: [[_json_number(v) for v in row] for row in _matrix(m)] for name, m in also.items()}
     return {
-        "schema_version": SCHEMA_VERSION,
-        "method": method,
-        "tasks": list(tasks),
+        **head,
         "accuracy_matrix": [[_json_number(v) for v in row] for row in arr],
         "zero_shot": None if zero_shot is None else [_json_number(v) for v in zero_shot],
         "op": _json_number(op(arr)),
@@ -202,6 +217,7 @@ def make_results(
         "final_accuracy": [_json_number(v) for v in arr[b - 1]],
         "learned_accuracy": [_json_number(v) for v in diag],
         "forgetting": [_json_number(diag[j] - arr[b - 1, j]) if j < b - 1 else None for j in range(b)],
+        **extra,
         "config": dict(config or {}),
         "timing": {k: float(v) for k, v in (timing or {}).items()},
     }
@@ -211,6 +227,11 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
     """Read a `results.json`; `results_matrix` turns its matrix back into an array with NaN."""
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def results_metric(results: Mapping[str, Any]) -> str:
+    """What a results dict's matrix holds: its "metric", or accuracy (every results.json before formats)."""
+    return str(results.get("metric") or "accuracy")
 
 
 def results_matrix(results: Mapping[str, Any]) -> np.ndarray:

@@ -81,8 +81,9 @@ def draw_heatmap(ax: Any, matrix: np.ndarray, tasks: Sequence[str], title: str, 
     return image
 
 
-def heatmap_figure(matrix: np.ndarray, tasks: Sequence[str], title: str) -> Any:
-    """The accuracy matrix R (rows: after task i; columns: task j) as an annotated matplotlib figure, in percent."""
+def heatmap_figure(matrix: np.ndarray, tasks: Sequence[str], title: str, *, metric: str = "accuracy") -> Any:
+    """The score matrix R (rows: after task i; columns: task j) as an annotated matplotlib figure, in percent;
+    `metric`: what it holds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,15 +92,16 @@ def heatmap_figure(matrix: np.ndarray, tasks: Sequence[str], title: str) -> Any:
     size = max(4.0, 0.55 * len(tasks) + 2.0)
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
     image = draw_heatmap(ax, matrix, tasks, title)
-    fig.colorbar(image, ax=ax, label="test accuracy (%)")
+    fig.colorbar(image, ax=ax, label=f"test {metric} (%)")
     fig.tight_layout()
     return fig
 
 
-def save_heatmap(path: pathlib.Path, matrix: np.ndarray, tasks: Sequence[str], title: str) -> None:
+def save_heatmap(path: pathlib.Path, matrix: np.ndarray, tasks: Sequence[str], title: str, *,
+                 metric: str = "accuracy") -> None:
     """`heatmap_figure` as a PNG."""
     import matplotlib.pyplot as plt
 
-    fig = heatmap_figure(matrix, tasks, title)
+    fig = heatmap_figure(matrix, tasks, title, metric=metric)
     fig.savefig(path, dpi=100)
     plt.close(fig)

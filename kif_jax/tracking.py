@@ -82,7 +82,8 @@ class Trackers:
     def log_results(self, result: dict, matrix: np.ndarray, tasks: Sequence[str], global_step: int) -> None:
         """OP / BWT / Avg / FWT and the accuracy heatmap of a finished method."""
         summary = {f"results/{k}": float(result[k]) for k in ("op", "bwt", "avg", "fwt") if result.get(k) is not None}
-        figure = heatmap_figure(matrix, tasks, result["method"]) if self.active else None
+        figure = (heatmap_figure(matrix, tasks, result["method"], metric=result.get("metric") or "accuracy")
+                  if self.active else None)
         if self.tb is not None:
             for name, value in summary.items():
                 self.tb.add_scalar(name, value, global_step)

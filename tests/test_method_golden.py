@@ -37,4 +37,9 @@ def test_method_reproduces_its_recorded_results(run, method):
     assert len(got) == len(want["records"])
     for g, w in zip(got, want["records"]):
         assert g == w, (method, g, w)
-    assert read_metrics(workdir / method / "predictions.jsonl") == want["predictions"]
+    # Prediction records gained `score` with the task formats (kif_jax/tasks/): the recorded fields are equal, and
+    # a classification record's score is float(correct).
+    got = read_metrics(workdir / method / "predictions.jsonl")
+    assert [{k: r[k] for k in w} for r, w in zip(got, want["predictions"])] == want["predictions"]
+    assert len(got) == len(want["predictions"])
+    assert all(set(r) == {*w, "score"} and type(r["score"]) is float and r["score"] == float(r["correct"]) for r, w in zip(got, want["predictions"]))

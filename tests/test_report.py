@@ -117,7 +117,7 @@ def test_remembered_masks_survive_a_checkpoint_restore(finished_run, tmp_path):
     shutil.copytree(workdir, copy)
     checkpoints = copy / "recurrent_kif" / "checkpoints"
     steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-    assert steps == [10_000_002, 20_000_000]  # task 2 at step 2, and the end of task 2
+    assert steps == [10_000_000, 10_000_002, 20_000_000]  # task ends are kept; task 2 at step 2
     shutil.rmtree(checkpoints / str(steps[-1]))
     config = tiny_config.get_config()
     config.checkpoint.every_steps = 2

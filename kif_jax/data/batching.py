@@ -160,13 +160,14 @@ def tokenize_causal_records(
     EOS) and, tokenized separately, the label + EOS, so BPE never merges across the boundary.
 
     A prompt over `max_input_length` tokens loses the end of its example text: the instruction line
-    (with its options) and the closing line ("Answer:") are kept whole.
+    (with its options) and the closing line ("Answer:") are kept whole (or the head and tail of the record's
+    `prompt_parts`, where its task format gives them).
     """
     if max_input_length < 2 or max_target_length < 2:
         raise ValueError("max_input_length and max_target_length must be at least 2 (a token and EOS)")
     eos = int(tokenizer.eos_token_id)
     prefix = leading_special_ids(tokenizer)
-    parts = [prompt_parts(r["input"], template, tokenizer) for r in records]
+    parts = [prompt_parts(r["input"], template, tokenizer, parts=r.get("prompt_parts")) for r in records]
     inputs = []
     for ids, (head, body, tail) in zip(tokenizer.encode_batch(["".join(p) for p in parts], add_special_tokens=False),
                                        parts):

@@ -1,9 +1,15 @@
-"""The CL benchmark on disk: `<data_dir>/<split>/<task>.json`, read through `datasets` and validated.
+"""Benchmarks on disk: `<data_dir>/<split>/<task>.json`, read through the run's task format and validated.
 
-Every file is a JSON list of `{"id", "input", "output"}` records; `input` is
-`<instruction> Option: <label>, <label>.\\n<text>\\nAnswer:` and `output` is one of those labels.
-Anything else is a `DataError` with one line naming the file (and the record), never a traceback
-from inside `datasets`.
+Which file format a task has is the task format's business (kif_jax/tasks/): the CL benchmark's
+(`classification`, the default) is a JSON list of `{"id", "input", "output"}` records, read here through
+`datasets`; `input` is `<instruction> Option: <label>, <label>.\\n<text>\\nAnswer:` and `output` is one of
+those labels. SuperNI's (`generation`) is one Super-NaturalInstructions task object a file
+(kif_jax/tasks/generation.py). Anything else is a `DataError` with one line naming the file (and the
+record), never a traceback from inside `datasets`.
+
+Benchmarks and their task orders: `standard` (orders 4-6) and `long` (1-3) of the CL benchmark; `superni`
+(SAPT's orders 1 and 2 of 15 SuperNI tasks) and `superni_gen5` (five generative tasks of it, in the same
+orders), whose files are read by the generation format.
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import json
 import os
 import pathlib
 import re
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from kif_jax.errors import DataError
 
@@ -32,14 +38,51 @@ ORDERS: dict[int, tuple[str, ...]] = {
     5: ("dbpedia", "amazon", "agnews", "yahoo"),
     6: ("yahoo", "amazon", "agnews", "dbpedia"),
 }
+# SAPT's two SuperNI task orders (circle-hit/SAPT gen_script_superni_t5.py, order_idx 1 and 2; copied in
+# ../shared/superni_benchmark/MANIFEST.json "orders").
+SUPERNI_ORDERS: dict[int, tuple[str, ...]] = {
+    1: ("task1572_samsum_summary", "task363_sst2_polarity_classification", "task1290_xsum_summarization",
+        "task181_outcome_extraction", "task002_quoref_answer_generation", "task1510_evalution_relation_extraction",
+        "task639_multi_woz_user_utterance_generation", "task1729_personachat_generate_next",
+        "task073_commonsenseqa_answer_generation", "task1590_diplomacy_text_generation",
+        "task748_glucose_reverse_cause_event_detection", "task511_reddit_tifu_long_text_summarization",
+        "task591_sciq_answer_generation", "task1687_sentiment140_classification", "task875_emotion_classification"),
+    2: ("task748_glucose_reverse_cause_event_detection", "task073_commonsenseqa_answer_generation",
+        "task1590_diplomacy_text_generation", "task639_multi_woz_user_utterance_generation", "task1572_samsum_summary",
+        "task1687_sentiment140_classification", "task591_sciq_answer_generation",
+        "task363_sst2_polarity_classification", "task1510_evalution_relation_extraction",
+        "task1729_personachat_generate_next", "task181_outcome_extraction",
+        "task511_reddit_tifu_long_text_summarization", "task002_quoref_answer_generation",
+        "task1290_xsum_summarization", "task875_emotion_classification"),
+}
+# The SuperNI tasks that are generative (not the three sentiment / emotion classifications), have at least 975
+# training and 100 test examples, and a mean input under 600 characters; in each SAPT order's sequence.
+SUPERNI_GEN5: frozenset[str] = frozenset({
+    "task1510_evalution_relation_extraction", "task1729_personachat_generate_next",
+    "task073_commonsenseqa_answer_generation", "task748_glucose_reverse_cause_event_detection",
+    "task591_sciq_answer_generation"})
+SUPERNI_GEN5_ORDERS: dict[int, tuple[str, ...]] = {
+    k: tuple(t for t in order if t in SUPERNI_GEN5) for k, order in SUPERNI_ORDERS.items()}
+
 # Standard CL benchmark = orders 4-6 (4 tasks); Long-sequence benchmark = orders 1-3 (15 tasks).
 BENCHMARKS: dict[str, tuple[int, ...]] = {"standard": (4, 5, 6), "long": (1, 2, 3)}
+# The task orders of every benchmark: the CL benchmark's two, SuperNI (SAPT's orders 1-2 of 15 tasks) and
+# superni_gen5 (the same orders of its five generative tasks). Order numbers are a benchmark's own: superni's 1
+# is not long's 1.
+BENCHMARK_ORDERS: dict[str, dict[int, tuple[str, ...]]] = {
+    **{name: {k: ORDERS[k] for k in orders} for name, orders in BENCHMARKS.items()},
+    "superni": SUPERNI_ORDERS,
+    "superni_gen5": SUPERNI_GEN5_ORDERS,
+}
+# The task format of each benchmark's files (kif_jax/tasks/); a benchmark not named here is classification.
+BENCHMARK_FORMATS: dict[str, str] = {"superni": "generation", "superni_gen5": "generation"}
 TASKS: tuple[str, ...] = tuple(sorted(ORDERS[1]))
 
 _OPTION_RE = re.compile(r"Option:([^\n]*)")
 _TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-# (resolved path, mtime_ns, size) -> validated records; keeps repeated loads free within a process.
-_CACHE: dict[tuple[str, int, int], tuple[tuple[dict, ...], tuple[str, ...]]] = {}
+# (format, resolved path, mtime_ns, size) -> (validated records, label options); keeps repeated loads free
+# within a process.
+_CACHE: dict[tuple[str, str, int, int], tuple[tuple[dict, ...], tuple[str, ...]]] = {}
 
 
 def resolve_tasks(
@@ -49,7 +92,7 @@ def resolve_tasks(
     tasks: str | Sequence[str] | None = None,
 ) -> list[str]:
     """The task sequence of a run: a custom list (comma-separated or a sequence) wins, then `order`,
-    then `benchmark` alone (its first order)."""
+    then `benchmark` alone (its first order). An order without a benchmark is one of the CL benchmark's 1-6."""
     if tasks is not None and not (isinstance(tasks, str) and not tasks.strip()):
         names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t).strip() for t in tasks]
         names = [t for t in names if t]
@@ -61,8 +104,8 @@ def resolve_tasks(
         if dup:
             raise DataError(f"task list names {', '.join(dup)} more than once: {','.join(names)}")
         return names
-    if benchmark is not None and benchmark not in BENCHMARKS:
-        raise DataError(f"unknown benchmark {benchmark!r} (known: {', '.join(BENCHMARKS)})")
+    if benchmark is not None and benchmark not in BENCHMARK_ORDERS:
+        raise DataError(f"unknown benchmark {benchmark!r} (known: {', '.join(BENCHMARK_ORDERS)})")
     if order is not None:
         try:
             key = int(order)
@@ -70,13 +113,18 @@ def resolve_tasks(
             key = None
         if key not in ORDERS:
             raise DataError(f"unknown task order {order!r} (known: {', '.join(map(str, ORDERS))})")
-        if benchmark is not None and key not in BENCHMARKS[benchmark]:
+        if benchmark is not None and key not in BENCHMARK_ORDERS[benchmark]:
             raise DataError(f"order {key} is not part of benchmark {benchmark!r} (its orders: "
-                            f"{', '.join(map(str, BENCHMARKS[benchmark]))})")
-        return list(ORDERS[key])
+                            f"{', '.join(map(str, BENCHMARK_ORDERS[benchmark]))})")
+        return list(BENCHMARK_ORDERS[benchmark][key] if benchmark is not None else ORDERS[key])
     if benchmark is not None:
-        return list(ORDERS[BENCHMARKS[benchmark][0]])
+        return list(next(iter(BENCHMARK_ORDERS[benchmark].values())))
     raise DataError("no tasks given: set a benchmark, an order or a comma-separated task list")
+
+
+def benchmark_format(benchmark: str | None) -> str:
+    """The task format (kif_jax/tasks/) a benchmark's files are in: classification unless BENCHMARK_FORMATS says."""
+    return BENCHMARK_FORMATS.get(benchmark or "", "classification")
 
 
 def split_path(data_dir: str | os.PathLike, task: str, split: str) -> pathlib.Path:
@@ -84,35 +132,38 @@ def split_path(data_dir: str | os.PathLike, task: str, split: str) -> pathlib.Pa
     return pathlib.Path(data_dir) / split / f"{task}.json"
 
 
-def load_split(data_dir: str | os.PathLike, task: str, split: str) -> list[dict]:
-    """The validated records of `<data_dir>/<split>/<task>.json`, each `{id, input, output, task}`.
+def load_split(data_dir: str | os.PathLike, task: str, split: str, task_format: Any = None) -> list[dict]:
+    """The validated records of `<data_dir>/<split>/<task>.json`, each `{id, input, output, task, ...}`, read by
+    `task_format` (a kif_jax.tasks format, its name, or None: classification).
 
-    Read through the `datasets` json loader (its on-disk Arrow cache makes later runs fast) and
-    memoised in-process by (path, mtime, size), so repeated calls cost a list copy.
+    Classification files are read through the `datasets` json loader (its on-disk Arrow cache makes later
+    runs fast); every file is memoised in-process by (format, path, mtime, size), so repeated calls cost a
+    list copy.
     """
-    records, _ = _load(data_dir, task, split)
+    records, _ = _load(data_dir, task, split, task_format)
     return [dict(r) for r in records]
 
 
-def split_labels(data_dir: str | os.PathLike, task: str, split: str) -> list[str]:
-    """The label set of one split, from its instructions' `Option:` list, in prompt order."""
-    return list(_load(data_dir, task, split)[1])
+def split_labels(data_dir: str | os.PathLike, task: str, split: str, task_format: Any = None) -> list[str]:
+    """The label set of one split, from its instructions' `Option:` list, in prompt order (empty for a format
+    without label options)."""
+    return list(_load(data_dir, task, split, task_format)[1])
 
 
-def task_labels(data_dir: str | os.PathLike, task: str) -> list[str]:
+def task_labels(data_dir: str | os.PathLike, task: str, task_format: Any = None) -> list[str]:
     """The task's label set from the `Option:` list, in prompt order (read from the first split
-    present among train, dev, test)."""
+    present among train, dev, test; empty for a format without label options)."""
     _check_task_name(task)
     for split in SPLITS:
         if split_path(data_dir, task, split).is_file():
-            return split_labels(data_dir, task, split)
+            return split_labels(data_dir, task, split, task_format)
     _check_dir(data_dir)
     raise DataError(f"no split of task {task!r} under {data_dir} (expected "
                     f"{split_path(data_dir, task, 'train')})")
 
 
 def validate_tasks(
-    data_dir: str | os.PathLike, tasks: Sequence[str], splits: Sequence[str] = SPLITS
+    data_dir: str | os.PathLike, tasks: Sequence[str], splits: Sequence[str] = SPLITS, task_format: Any = None
 ) -> dict[str, list[str]]:
     """Check every file a run will read, before anything is compiled; returns task -> labels.
 
@@ -127,7 +178,7 @@ def validate_tasks(
         _check_task_name(task)
         first: tuple[str, list[str]] | None = None
         for split in splits:
-            these = split_labels(data_dir, task, split)
+            these = split_labels(data_dir, task, split, task_format)
             if first is None:
                 first = (split, these)
             elif these != first[1]:
@@ -148,7 +199,11 @@ def _check_dir(data_dir: str | os.PathLike) -> None:
         raise DataError(f"data directory not found: {data_dir} (set the config's data_dir, or KIF_DATA_DIR in tests)")
 
 
-def _load(data_dir: str | os.PathLike, task: str, split: str) -> tuple[tuple[dict, ...], tuple[str, ...]]:
+def _load(data_dir: str | os.PathLike, task: str, split: str,
+          task_format: Any = None) -> tuple[tuple[dict, ...], tuple[str, ...]]:
+    from kif_jax.tasks import get_format
+
+    fmt = get_format(task_format)
     _check_task_name(task)
     path = split_path(data_dir, task, split)
     if not path.is_file():
@@ -157,11 +212,25 @@ def _load(data_dir: str | os.PathLike, task: str, split: str) -> tuple[tuple[dic
             raise DataError(f"missing split directory {path.parent} (needed for {task!r} {split})")
         raise DataError(f"missing data file {path} (task {task!r}, split {split!r})")
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    key = (fmt.name, str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     if key not in _CACHE:
-        rows = _read_rows(path)
-        _CACHE[key] = _validate(path, task, rows)
+        records = tuple(fmt.read(path, task))
+        if not records:
+            raise DataError(f"{path}: empty split (no records)")
+        _CACHE[key] = (records, tuple(fmt.labels(records) or ()))
     return _CACHE[key]
+
+
+def read_classification(path: pathlib.Path, task: str) -> list[dict]:
+    """The validated records of one classification file (the classification format's `read`)."""
+    return list(_validate(path, task, _read_rows(path))[0])
+
+
+def record_options(record: dict) -> tuple[str, ...]:
+    """The label options of a validated classification record (its `Option:` list)."""
+    text = record["input"]
+    line = text.split("\n", 1)[0] if "Option:" in text.split("\n", 1)[0] else text
+    return parse_options(line) or ()
 
 
 @contextlib.contextmanager

@@ -1,9 +1,9 @@
-"""The replay memory: a small class-balanced sample of every earlier task's training split."""
+"""The replay memory: a small sample of every earlier task's training split (class-balanced where tasks have labels)."""
 from __future__ import annotations
 
 import os
 import zlib
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -44,17 +44,26 @@ def task_seed(seed: int, task: str) -> list[int]:
 
 
 def memory_buffer(
-    data_dir: str | os.PathLike, tasks: Sequence[str], *, ratio: float = 0.02, seed: int = 42
+    data_dir: str | os.PathLike, tasks: Sequence[str], *, ratio: float = 0.02, seed: int = 42,
+    task_format: Any = None, records_of: Callable[[str], list[dict]] | None = None,
 ) -> list[dict]:
-    """int(ratio * n_train) class-balanced training records of each task in `tasks`, in task order,
-    each tagged with its `task`; the same records for the same (seed, task) in any task order."""
+    """int(ratio * n_train) training records of each task in `tasks`, in task order, each tagged with its
+    `task`; class-balanced where the format has label options (classification), uniform otherwise; the same
+    records for the same (seed, task) in any task order.
+
+    `records_of(task)`: the training records to draw from (default: the task's whole training file, read by
+    `task_format`), e.g. without the examples a run holds out as dev examples."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"memory ratio must be in [0, 1], got {ratio}")
     memory: list[dict] = []
     for task in tasks:
-        records = load_split(data_dir, task, "train")
+        records = records_of(task) if records_of is not None else load_split(data_dir, task, "train", task_format)
         rng = np.random.default_rng(task_seed(seed, task))
-        rows = balanced_sample([r["output"] for r in records], task_labels(data_dir, task),
-                               buffer_size(len(records), ratio), rng)
+        size = buffer_size(len(records), ratio)
+        label_set = task_labels(data_dir, task, task_format)
+        if label_set:
+            rows = balanced_sample([r["output"] for r in records], label_set, size, rng)
+        else:
+            rows = sorted(int(i) for i in rng.choice(len(records), size=min(size, len(records)), replace=False))
         memory.extend(records[i] for i in rows)
     return memory

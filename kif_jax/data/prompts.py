@@ -6,7 +6,7 @@ its example text while the instruction (with the options) and the closing line s
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 TEMPLATES = ("none", "alpaca", "chat")
 
@@ -28,9 +28,11 @@ def split_prompt(text: str) -> tuple[str, str, str]:
     return text[: first + 1], text[first + 1: last], text[last:]
 
 
-def prompt_parts(text: str, template: str, tokenizer: Any = None) -> tuple[str, str, str]:
-    """The rendered prompt as (protected head, truncatable body, protected tail)."""
-    head, body, tail = split_prompt(text)
+def prompt_parts(text: str, template: str, tokenizer: Any = None, *,
+                 parts: Sequence[str] | None = None) -> tuple[str, str, str]:
+    """The rendered prompt as (protected head, truncatable body, protected tail). `parts`: the record's own
+    (head, body, tail) where its task format gives them (a record's `prompt_parts`), else `split_prompt`."""
+    head, body, tail = parts if parts is not None else split_prompt(text)
     if template == "none":
         return head, body, tail
     if template == "alpaca":  # instruction = the benchmark's instruction line, input = the example
@@ -45,9 +47,9 @@ def prompt_parts(text: str, template: str, tokenizer: Any = None) -> tuple[str, 
     raise ValueError(f"unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")
 
 
-def render_prompt(text: str, template: str, tokenizer: Any = None) -> str:
+def render_prompt(text: str, template: str, tokenizer: Any = None, *, parts: Sequence[str] | None = None) -> str:
     """The whole prompt string of a benchmark input under `template`."""
-    return "".join(prompt_parts(text, template, tokenizer))
+    return "".join(prompt_parts(text, template, tokenizer, parts=parts))
 
 
 TemplateFn = Callable[[str], tuple[str, str, str]]

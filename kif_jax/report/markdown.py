@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import pathlib
 import sys
 from typing import Any, Iterable, Sequence
 
+from kif_jax import metrics
 from kif_jax.errors import DataError, KifError
 from kif_jax.report.plots import (_LEARNERS, _grouped, _ratios, _shares, plot_accuracy_along_sequence,
                                   plot_accuracy_matrices, plot_importance_by_layer, plot_importance_by_module,
@@ -76,6 +78,7 @@ def build_report(methods: Sequence[MethodData], outdir: pathlib.Path, *, title: 
         return f"![{alt}]({name})"
 
     tasks = methods[0].tasks
+    metric = metrics.results_metric(methods[0].results)  # what the score matrices hold (accuracy, ROUGE-L, ...)
     same = [m for m in methods if m.tasks == tasks]
     other = [m.name for m in methods if m.tasks != tasks]
     md = [f"# Comparison report: {title}", ""]
@@ -90,9 +93,9 @@ def build_report(methods: Sequence[MethodData], outdir: pathlib.Path, *, title: 
     if other:
         md.append(f"Run on another task sequence, left out of the figures: {', '.join(f'`{o}`' for o in other)}.")
     md += ["", "## Overall performance", "",
-           "OP: mean final accuracy over all tasks; BWT: mean change on each earlier task from just after "
+           f"OP: mean final {metric} over all tasks; BWT: mean change on each earlier task from just after "
            "learning it to the end; FWT: mean gain on a task before training it over its zero-shot "
-           "accuracy (percent; `-`: not defined or not evaluated).", "",
+           f"{metric} (percent; `-`: not defined or not evaluated).", "",
            "| method | OP | BWT | FWT |", "|---|---:|---:|---:|"]
     for m in methods:
         r = m.results
@@ -106,15 +109,23 @@ def build_report(methods: Sequence[MethodData], outdir: pathlib.Path, *, title: 
                "Each method minus the baseline, in points, with a 95% percentile bootstrap interval over the "
                "test examples (stratified by task, the same resampled examples for both methods; "
                "`python -m kif_jax.compare`); resolved: the interval excludes 0.", "", paired]
-    md += ["", "Final accuracy (%) on each task:", "",
+    md += ["", f"Final {metric} (%) on each task:", "",
            "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
     for m in same:
         md.append(f"| {m.name} | " + " | ".join(_pct(float(v)) for v in m.matrix[-1]) + " |")
+    for name in dict.fromkeys(n for m in same for n in (m.results.get("also") or {})):
+        md += ["", f"Final {name} (%) on each task (beside {metric}):", "",
+               "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+        for m in same:
+            if name in (m.results.get("also") or {}):
+                row = m.results["also"][name][-1]
+                md.append(f"| {m.name} | " + " | ".join(_pct(v) for v in row) + " |")
     md += ["", "## Accuracy matrices", "",
-           figure("accuracy matrices", "accuracy_matrices.png", plot_accuracy_matrices, same), "",
+           figure("accuracy matrices", "accuracy_matrices.png", functools.partial(plot_accuracy_matrices, metric=metric),
+                  same), "",
            "## Each task's accuracy along the sequence", "",
-           figure("accuracy along the sequence", "accuracy_along_sequence.png", plot_accuracy_along_sequence,
-                  same, tasks), ""]
+           figure("accuracy along the sequence", "accuracy_along_sequence.png",
+                  functools.partial(plot_accuracy_along_sequence, metric=metric), same, tasks), ""]
 
     kif = [(m, m.fusions()) for m in same]
     kif = [(m, f) for m, f in kif if f]

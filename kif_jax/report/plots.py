@@ -134,8 +134,8 @@ def _grid(n: int, max_cols: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def plot_accuracy_matrices(methods: Sequence[MethodData], path: pathlib.Path) -> None:
-    """The accuracy matrices of every method side by side (shared color scale)."""
+def plot_accuracy_matrices(methods: Sequence[MethodData], path: pathlib.Path, *, metric: str = "accuracy") -> None:
+    """The score matrices of every method side by side (shared color scale); `metric`: what they hold."""
     from kif_jax.run_files import draw_heatmap
 
     rows, cols = _grid(len(methods), 4)
@@ -149,13 +149,15 @@ def plot_accuracy_matrices(methods: Sequence[MethodData], path: pathlib.Path) ->
             ax.set_yticklabels([])
     for ax in list(axes.flat)[len(methods):]:
         ax.axis("off")
-    fig.suptitle("Test accuracy (%) on each task (columns) after training each task (rows)")
-    fig.colorbar(image, ax=axes, label="test accuracy (%)", shrink=0.8)
+    fig.suptitle(f"Test {metric} (%) on each task (columns) after training each task (rows)")
+    fig.colorbar(image, ax=axes, label=f"test {metric} (%)", shrink=0.8)
     _save(fig, path)
 
 
-def plot_accuracy_along_sequence(methods: Sequence[MethodData], tasks: Sequence[str], path: pathlib.Path) -> None:
-    """One panel per task: its test accuracy after each training stage, one line per method."""
+def plot_accuracy_along_sequence(methods: Sequence[MethodData], tasks: Sequence[str], path: pathlib.Path, *,
+                                 metric: str = "accuracy") -> None:
+    """One panel per task: its test score after each training stage, one line per method (a point where the
+    neighbouring stages were not evaluated)."""
     rows, cols = _grid(len(tasks), 4)
     fig, axes = _subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False, sharey=True)
     colors = _colors([m.name for m in methods])
@@ -169,13 +171,13 @@ def plot_accuracy_along_sequence(methods: Sequence[MethodData], tasks: Sequence[
         ax.set_xlabel("after training task #")
         ax.set_ylim(-3, 103)
         if j % cols == 0:
-            ax.set_ylabel("test accuracy (%)")
+            ax.set_ylabel(f"test {metric} (%)")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(methods), 5), frameon=False)
-    fig.suptitle("Accuracy of each task along the sequence (dotted: when the task is trained)")
+    fig.suptitle(f"{metric[:1].upper()}{metric[1:]} of each task along the sequence (dotted: when the task is trained)")
     _save(fig, path)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import pathlib
 import time
@@ -27,12 +28,13 @@ from flax import nnx
 from kif_jax import data as kdata
 from kif_jax import metrics
 from kif_jax.checkpointing import RunCheckpointer, config_fingerprint
-from kif_jax.config import SYNTHETIC_DATA, split_list, validate_config, with_method_sections
+from kif_jax.config import (SUPERNI_BENCHMARKS, SYNTHETIC_DATA, default_data_dir, split_list, validate_config,
+                            with_method_sections)
 from kif_jax.data import synthetic
 from kif_jax.data.batching import BatchIterator, collate
 from kif_jax.distributed import barrier, fetch, is_main
-from kif_jax.errors import ConfigError, KifError
-from kif_jax.evaluation import Evaluator
+from kif_jax.errors import ConfigError, DataError, KifError
+from kif_jax.evaluation import Evaluator, evaluate_task
 from kif_jax.memory_plan import activation_bytes, report_memory_plan
 from kif_jax.methods import Method, method_class, unrelated_sections
 from kif_jax.models import family as models_family
@@ -42,6 +44,7 @@ from kif_jax.preemption import Preempted, PreemptionGuard
 from kif_jax.report import write_report
 from kif_jax.run_files import MetricsWriter, save_heatmap, write_json
 from kif_jax.sharding import config_mesh, shard_rows, shard_tree
+from kif_jax.tasks import TaskFormat, run_format
 from kif_jax.tracking import Trackers
 from kif_jax.train.data import RunData, common_shape, stack_batches
 from kif_jax.train.position import ResumePosition
@@ -73,28 +76,29 @@ class RunContext:
     activations: int = 0  # estimated activation bytes per device (memory plan)
 
     def accuracy(self, params: Any, task: str) -> float:
-        """Test accuracy of `params` on `task` (generated text, or the best-scored label option)."""
+        """The score of `params` on `task` (its entry of the score matrix: accuracy for classification)."""
         return self.evaluate(params, task)[0]
 
     def evaluate(self, params: Any, task: str) -> tuple[float, list[dict]]:
-        """Accuracy of `params` on `task`'s evaluated examples, and one record per example, in order:
-        `task`, `index` (its position among them), `id`, `prediction`, `label`, `correct`."""
-        options = kdata.task_labels(self.data.data_dir, task) if self.evaluator.mode == "score" else None
-        dataset = self.data.test_set(task)
-        predictions = self.evaluator.predictions(params, self.frozen, dataset, options)
-        ids = [r["id"] for r in self.data.eval_records(task)]
-        records = [{"task": task, "index": i, "id": ids[i], "prediction": p, "label": label,
-                    "correct": metrics.normalize_answer(p) == metrics.normalize_answer(label)}
-                   for i, (p, label) in enumerate(zip(predictions, dataset.references))]
-        return metrics.exact_match(predictions, dataset.references), records
+        """The score of `params` on `task`'s evaluated examples, as the task's format aggregates it, and one
+        record per example, in order (kif_jax.evaluation.evaluate_task)."""
+        data = self.data
+        return evaluate_task(self.evaluator, data.format, params, self.frozen, data.test_set(task),
+                             data.eval_records(task),
+                             options=data.options(task) if self.evaluator.mode == "score" else None,
+                             max_new_tokens=data.generation_length(task) if self.evaluator.mode == "generate" else None)
 
 
 def check_run(config: ml_collections.ConfigDict) -> list[str]:
-    """Validate the config and the task names, before anything is written; returns the tasks."""
+    """Validate the config (its task format included) and the task names, before anything is written; returns
+    the tasks."""
     validate_config(config)
     tasks = kdata.resolve_tasks(benchmark=config.benchmark or None, order=config.order or None,
                                 tasks=config.tasks or None)
     if config.data_dir == SYNTHETIC_DATA:
+        if run_format(config).name != "classification":
+            raise ConfigError(f"config field 'data_dir' is 'synthetic' (generated classification tasks), but the task "
+                              f"format is '{run_format(config).name}'")
         unknown = [t for t in tasks if t not in synthetic.SYNTHETIC_TASKS]
         if unknown:
             raise ConfigError(f"config field 'tasks': {', '.join(unknown)} are not synthetic tasks "
@@ -103,7 +107,8 @@ def check_run(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def resolve_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[pathlib.Path, list[str]]:
-    """Validate the config and every data file of the run; generate synthetic data if asked."""
+    """Validate the config and every data file of the run (read by its task format); generate synthetic data
+    if asked."""
     tasks = check_run(config)
     if config.data_dir == SYNTHETIC_DATA:
         s = config.synthetic
@@ -114,8 +119,16 @@ def resolve_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tup
         barrier("kif_jax_synthetic_data")
     else:
         data_dir = pathlib.Path(config.data_dir)
-    splits = ("train", "dev", "test") if config.train.select_best or config.eval.split == "dev" else ("train", "test")
-    kdata.validate_tasks(data_dir, tasks, splits=splits)
+    task_format = run_format(config)
+    reads_dev = (config.train.select_best or config.eval.split == "dev") and task_format.has_dev_split
+    splits = ("train", "dev", "test") if reads_dev else ("train", "test")
+    try:
+        kdata.validate_tasks(data_dir, tasks, splits=splits, task_format=task_format)
+    except DataError as err:
+        if config.benchmark in SUPERNI_BENCHMARKS and not kdata.split_path(data_dir, tasks[0], "train").is_file():
+            raise DataError(f"{err}; benchmark '{config.benchmark}' reads the SuperNI task files: "
+                            f"--config.data_dir={default_data_dir(config.benchmark)}") from None
+        raise
     return pathlib.Path(data_dir), tasks
 
 
@@ -260,14 +273,39 @@ class MethodRun:
             logging.info("%s: after %s: %s", self.name, ",".join(self.phases[phase]),
                          metrics.accuracy_table(self.R, ctx.tasks, method=self.name).splitlines()[-1])
 
+        fmt = ctx.data.format
         result = metrics.make_results(self.name, ctx.tasks, self.R, zero_shot=self.zero_shot,
-                                      config=c.to_dict(), timing=self.timing)
+                                      config=c.to_dict(), timing=self.timing, metric=fmt.metric,
+                                      also=self.also_matrices(fmt) if is_main() else None)
         if is_main():
             write_json(self.dir / "results.json", result)
-            save_heatmap(self.dir / "accuracy_matrix.png", self.R, ctx.tasks, title=self.name)
+            save_heatmap(self.dir / "accuracy_matrix.png", self.R, ctx.tasks, title=self.name, metric=fmt.metric)
         if self.trackers is not None:
             self.trackers.log_results(result, self.R, ctx.tasks, self.steps_before)
         return result
+
+    def also_matrices(self, fmt: TaskFormat) -> dict[str, np.ndarray] | None:
+        """The matrices of the format's other per-example scores (`TaskFormat.also`), aggregated as the score is,
+        from predictions.jsonl (which a resumed run keeps exactly); None for a format without any."""
+        if not fmt.also:
+            return None
+        column = {t: j for j, t in enumerate(self.ctx.tasks)}
+        cells: dict[str, dict[tuple[int, int], list[float]]] = {name: {} for name in fmt.also}
+        with open(self.dir / "predictions.jsonl", encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                if record["after_task"] < 0:  # zero-shot
+                    continue
+                key = (self._row(record["after_task"]), column[record["task"]])
+                for name in fmt.also:
+                    cells[name].setdefault(key, []).append(float(record[name]))
+        out = {}
+        for name, by_cell in cells.items():
+            matrix = np.full(self.R.shape, np.nan)
+            for (i, j), scores in by_cell.items():
+                matrix[i, j] = fmt.aggregate(scores)
+            out[name] = matrix
+        return out
 
     def _track(self, record: dict) -> None:
         """Every metrics.jsonl record to the trackers, at the method's step over the whole sequence."""
@@ -301,8 +339,7 @@ class MethodRun:
         """Fill row `phase` of R; before each task, a preemption request calls `preempted` (which raises)."""
         ctx = self.ctx
         row = self._row(phase)
-        seen = sum(len(p) for p in self.phases[:phase + 1])
-        columns = range(len(ctx.tasks)) if self.config.eval.all_tasks else range(seen)
+        columns = self.eval_columns(phase)
         records: list[dict] = []
         t0 = time.perf_counter()
         note(f"{self.name}: evaluating after task {phase + 1}/{len(self.phases)} on {len(columns)} task(s)")
@@ -314,6 +351,16 @@ class MethodRun:
         self.predictions.write_many(records)
         note(f"{self.name}: evaluated in {format_seconds(time.perf_counter() - t0)}: "
              + ", ".join(f"{ctx.tasks[j]} {100 * self.R[row, j]:.1f}" for j in columns))
+
+    def eval_columns(self, phase: int) -> list[int]:
+        """The tasks evaluated after `phase` (`eval.schedule`): "full", every task seen so far (every task with
+        `eval.all_tasks`); "diagonal", the phase's own tasks, and every task after the last phase."""
+        seen = sum(len(p) for p in self.phases[:phase + 1])
+        if self.config.eval.all_tasks:
+            return list(range(len(self.ctx.tasks)))
+        if self.config.eval.schedule == "diagonal" and phase < len(self.phases) - 1:
+            return list(range(seen - len(self.phases[phase]), seen))
+        return list(range(seen))
 
     def train_phase(self, phase: int, state: TrainState | None, params: Any, iterator_state: dict | None,
                     writer: MetricsWriter, ckpt: RunCheckpointer) -> TrainState:
@@ -430,7 +477,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                                    itemsize=2 if c.model.dtype == "bfloat16" else 4, remat=c.train.remat, mesh=mesh)
     evaluator = Evaluator(graphdef, family, tokenizer, batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens,
                           mesh=mesh, mode=c.eval.mode, max_target_length=c.train.max_target_length)
-    ctx = RunContext(config=c, workdir=workdir, tasks=tasks, data=RunData(c, data_dir, family, tokenizer),
+    ctx = RunContext(config=c, workdir=workdir, tasks=tasks, data=RunData(c, data_dir, family, tokenizer, run_format(c)),
                      graphdef=graphdef, init_params=shard_tree(params, mesh), frozen=shard_tree(frozen, mesh),
                      mesh=mesh, programs=programs, evaluator=evaluator,
                      activations=activations, preemption=PreemptionGuard())

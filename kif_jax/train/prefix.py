@@ -110,7 +110,13 @@ def plan_prefix(config: ml_collections.ConfigDict, *, method_name: str, tasks: l
             raise ConfigError(f"config field '{FIELD}': {source} ran under a different config (seed or settings "
                               "differ, the task order aside); its tasks cannot be reused")
         done = meta["phase"]
-        if 0 < done <= len(phases) and phases_of(list(meta["tasks"]))[:done] == phases[:done]:
+        source_phases = phases_of(list(meta["tasks"]))
+        # Under eval.schedule = "diagonal" a run's last row is whole and the others hold their own tasks only: a
+        # prefix then ends before the last phase of both runs.
+        diagonal = config.eval.schedule == "diagonal"
+        if diagonal and (done >= len(phases) or done >= len(source_phases)):
+            continue
+        if 0 < done <= len(phases) and source_phases[:done] == phases[:done]:
             break
     else:
         raise ConfigError(f"config field '{FIELD}': {source}'s task order ({','.join(meta['tasks'])}) does not begin "
