@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 GEMMA3 = "configs/gemma3_270m_standard.py"
 
@@ -33,3 +35,65 @@ def test_gemma3_config_is_sized_from_the_preset_without_weights(capsys):
     assert "PRESET_CONFIGS" in out
     # 268,098,176 parameters in bfloat16: the 270M model's published size.
     assert "frozen             536,196,352 bytes" in out
+
+
+T5_LARGE_SUPERNI = "configs/t5_large_superni.py"
+
+
+def _config_file(path: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("t5_large_superni_config", REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_t5_large_superni_config_validates_reads_the_data_and_stops_at_the_download_in_one_line(
+        tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from kif_jax import cli
+    from kif_jax import data as kdata
+    from kif_jax.config import default_data_dir, validate_config
+
+    superni = pathlib.Path(default_data_dir("superni"))
+    if not (superni / "MANIFEST.json").is_file():
+        pytest.skip(f"the SuperNI benchmark is not at {superni} (set KIF_SUPERNI_DIR)")
+    config = _config_file(T5_LARGE_SUPERNI)
+    validate_config(config)
+    assert (config.methods, config.benchmark, config.order, config.data_dir) == (
+        "seq_lora,replay,recurrent_kif", "superni", 1, str(superni))
+    assert (config.model.name, config.model.dtype, config.model.lora.rank, config.model.lora.alpha,
+            config.model.lora.dropout, config.model.lora.targets) == ("t5-large", "bfloat16", 4, 32.0, 0.0, "q,v")
+    t = config.train
+    assert (t.lr, t.epochs, t.batch_size, t.micro_batch_size, t.warmup_steps, t.max_input_length,
+            t.max_target_length) == (3e-4, 100, 32, 8, 0, 512, 50)  # SAPT gen_script_superni_t5.py @ 52a52b9
+
+    # In process, through kif_jax.cli.run: every data file of order 1 is read and validated, then the model
+    # download is the first thing that fails (the hub patched to fail as it does with no network).
+    events = []
+    validate_tasks = kdata.validate_tasks
+
+    def spy_validate(data_dir, tasks, **kwargs):
+        validate_tasks(data_dir, tasks, **kwargs)
+        events.append(("data", pathlib.Path(data_dir), list(tasks), tuple(kwargs["splits"])))
+
+    def offline(repo_id, **kwargs):
+        events.append(("download", repo_id))
+        raise OSError("no network")
+
+    monkeypatch.setattr(kdata, "validate_tasks", spy_validate)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert cli.run(config, str(tmp_path / "w1")) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert events == [("data", superni, list(kdata.SUPERNI_ORDERS[1]), ("train", "test")),
+                      ("download", "google-t5/t5-large")]
+    assert len(lines) == 1 and "cannot fetch 'google-t5/t5-large'" in lines[0] and "no network" in lines[0], lines
+
+    # main.py, order 2 by flag, the real hub client with an empty cache and no network: one line, no traceback.
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    run = _main(f"--config={T5_LARGE_SUPERNI}", "--config.order=2", f"--workdir={tmp_path / 'w2'}", env=env)
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert len(lines) == 1 and "cannot fetch 'google-t5/t5-large'" in lines[0], run.stderr
