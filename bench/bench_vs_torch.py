@@ -39,7 +39,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -50,8 +49,8 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from hf_peer import transformers_peer  # noqa: E402  (bench/hf_peer.py)
 from kif_jax import models  # noqa: E402
-from kif_jax.models import peft as kif_peft  # noqa: E402
 from kif_jax.methods import Program  # noqa: E402
 from kif_jax.train.steps import Programs, init_state, make_task_key  # noqa: E402
 
@@ -112,24 +111,11 @@ def make_batch(rng: np.random.Generator, causal: bool, batch: int, input_len: in
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "decoder_input_ids": dec, "labels": labels}
 
 
-def torch_peer(model: nnx.Module, causal: bool, dropout: bool):
+def torch_peer(model: nnx.Module, dropout: bool):
     """The same model (base weights and adapters) in transformers + peft, in training mode."""
     import torch
-    from peft import PeftModel
 
-    with tempfile.TemporaryDirectory() as tmp:
-        base_dir, adapter_dir = os.path.join(tmp, "base"), os.path.join(tmp, "adapter")
-        models.save_pretrained(model, base_dir)
-        kif_peft.save_adapter(model, adapter_dir)
-        if causal:
-            from transformers import LlamaForCausalLM
-
-            hf = LlamaForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
-        else:
-            from transformers import T5ForConditionalGeneration
-
-            hf = T5ForConditionalGeneration.from_pretrained(base_dir, torch_dtype=torch.float32)
-        peer = PeftModel.from_pretrained(hf, adapter_dir, is_trainable=True)
+    peer = transformers_peer(model, adapter=True, trainable=True)
     if not dropout:
         for m in peer.modules():
             if isinstance(m, torch.nn.Dropout):
@@ -237,7 +223,7 @@ def run_shape(shape: str, args: argparse.Namespace) -> tuple[float, dict[str, fl
 
     jax_step, jax_loss0, n_lora = kif_jax_step(model, family, b)
 
-    torch_step, torch_loss0, n_torch = torch_peer_step(torch_peer(model, causal, dropout), b)
+    torch_step, torch_loss0, n_torch = torch_peer_step(torch_peer(model, dropout), b)
     print(f"\n{shape}: {what}; batch {batch} x ({input_len} + {target_len}) tokens; LoRA values {n_lora:,} "
           f"(torch {n_torch:,}); dropout {'as the reference (LoRA 0.05)' if dropout else 'off in both'}")
     print(f"  first-step loss, dropout off: kif_jax {jax_loss0:.5f}  torch {torch_loss0:.5f}  "
