@@ -182,7 +182,7 @@ def test_two_processes_resume_from_a_mid_task_checkpoint(runs):
     resumed = root / "resumed"
     shutil.copytree(root / "two", resumed)
     checkpoints = sorted((resumed / METHOD / "checkpoints").iterdir(), key=lambda p: int(p.name))
-    assert [p.name for p in checkpoints] == ["10000002", "20000000"]  # task 2 step 2; the end
+    assert [p.name for p in checkpoints] == ["10000000", "10000002", "20000000"]  # task ends kept; task 2 step 2
     shutil.rmtree(checkpoints[-1])
     for name in (f"{METHOD}/results.json", "comparison.md", "report"):
         path = resumed / name
