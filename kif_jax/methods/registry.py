@@ -7,11 +7,11 @@ path) and registers the class under its `name`.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Iterable
 
 import ml_collections
 
+from kif_jax.class_registry import ClassRegistry
 from kif_jax.config import split_list
 from kif_jax.errors import ConfigError
 from kif_jax.methods.base import Method
@@ -27,63 +27,12 @@ BUILTIN_MODULES = (
     "kif_jax.methods.migu",
 )
 
-_REGISTRY: dict[str, type[Method]] = {}
-_BUILTIN: list[str] = []
-
-
-def register(cls: type[Method]) -> type[Method]:
-    """Add a method class under its `name` (usable as a decorator); a different class of a taken name is refused."""
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise ConfigError(f"{cls!r} is not a kif_jax.methods.Method subclass")
-    if not cls.name:
-        raise ConfigError(f"method class {cls.__qualname__} has no `name`")
-    if _REGISTRY.get(cls.name, cls) is not cls:
-        raise ConfigError(f"method name {cls.name!r} is taken by {_REGISTRY[cls.name].__module__}."
-                          f"{_REGISTRY[cls.name].__qualname__}")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _load_builtins() -> None:
-    if _BUILTIN:
-        return
-    for module in BUILTIN_MODULES:
-        for cls in importlib.import_module(module).METHODS:
-            register(cls)
-            _BUILTIN.append(cls.name)
-
-
-def builtin_names() -> tuple[str, ...]:
-    """The built-in methods, in registry order."""
-    _load_builtins()
-    return tuple(_BUILTIN)
-
-
-def names() -> tuple[str, ...]:
-    """Every registered method: the built-in ones, then those registered since, in order."""
-    _load_builtins()
-    return tuple(_REGISTRY)
-
-
-def method_class(name: str) -> type[Method]:
-    """The class of a `config.methods` entry: a registered name, or `module:Class` (imported and registered)."""
-    _load_builtins()
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    if ":" in name:
-        module_name, _, class_name = name.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            raise ConfigError(f"method {name!r} in config field 'methods': cannot import module {module_name!r} "
-                              f"({err})") from None
-        cls = getattr(module, class_name, None)
-        if cls is None:
-            raise ConfigError(f"method {name!r} in config field 'methods': module {module_name!r} has no "
-                              f"{class_name!r}")
-        return register(cls)
-    raise ConfigError(f"unknown method '{name}' in config field 'methods'; known: {', '.join(_REGISTRY)}"
-                      " (or module:Class for a method of your own)")
+_METHODS = ClassRegistry(Method, kind="method", field="methods", public="kif_jax.methods.Method",
+                         builtin_modules=BUILTIN_MODULES, attr="METHODS")
+register = _METHODS.register
+builtin_names = _METHODS.builtin_names
+names = _METHODS.names
+method_class = _METHODS.lookup
 
 
 def resolve(entries: Iterable[str]) -> list[type[Method]]:
@@ -93,10 +42,9 @@ def resolve(entries: Iterable[str]) -> list[type[Method]]:
 
 def sections() -> dict[str, type[Method]]:
     """Each config section of a built-in method, and the (first) method class that owns it, in registry order."""
-    _load_builtins()
     owners: dict[str, type[Method]] = {}
-    for name in _BUILTIN:
-        cls = _REGISTRY[name]
+    for name in _METHODS.builtin_names():
+        cls = _METHODS.classes[name]
         if cls.section and cls.section not in owners:
             owners[cls.section] = cls
     return owners
@@ -107,6 +55,6 @@ def unrelated_sections(config: ml_collections.ConfigDict, cls: type[Method]) -> 
     `config.methods`), less its own and its `shared_sections`. Its checkpoints' fingerprint leaves them out, so
     adding a method to a workdir, or changing another method's settings, keeps the finished runs there."""
     resolve(split_list(config.methods))  # registers the methods of one's own named there
-    owned = {c.section for c in _REGISTRY.values() if c.section}
+    owned = {c.section for c in _METHODS.classes.values() if c.section}
     keep = {cls.section, *cls.shared_sections}
     return sorted(s for s in owned - keep if s in config)

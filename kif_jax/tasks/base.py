@@ -6,12 +6,13 @@ the score matrix through `aggregate`; neither names a metric, as the training lo
 """
 from __future__ import annotations
 
+import abc
 import math
 import pathlib
 from typing import Any, ClassVar, Sequence
 
 
-class TaskFormat:
+class TaskFormat(abc.ABC):
     """One way a benchmark's tasks are stored, prompted and scored (subclass it; every hook but `read` and
     `score` has a default).
 
@@ -43,19 +44,19 @@ class TaskFormat:
     # buffer samples class-balanced.
     has_options: ClassVar[bool] = False
 
+    @abc.abstractmethod
     def read(self, path: pathlib.Path, task: str) -> list[dict]:
         """The validated records of one split file; any problem raises `kif_jax.errors.DataError` with one line
         naming the file (and the record)."""
-        raise NotImplementedError
 
     def labels(self, records: Sequence[dict]) -> list[str] | None:
         """The label options of a split's records, in prompt order; None for a format without options."""
         return None
 
+    @abc.abstractmethod
     def score(self, prediction: str, record: dict) -> dict[str, Any]:
         """The prediction's scores: {"score": float in [0, 1], **fields named in `also`}. A binary format also
         returns {"correct": bool} with score == float(correct)."""
-        raise NotImplementedError
 
     def aggregate(self, scores: Sequence[float]) -> float:
         """A task's entry of the score matrix from its examples' scores (NaN without examples): the mean."""
