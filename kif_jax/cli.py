@@ -98,7 +98,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
         return 0  # process 0 prints the tables
     for result in results.values():
         print(metrics.accuracy_table(result["accuracy_matrix"], result["tasks"], method=result["method"],
-                                     metric=metrics.results_metric(result)))
+                                     metric=metrics.results_metric(result),
+                                     split=result.get("config", {}).get("eval", {}).get("split", "test")))
         print()
     print(metrics.comparison_table(results))
     print(f"\nresults in {workdir}/<method>/results.json; comparison in {workdir}/comparison.md")

