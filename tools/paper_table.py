@@ -9,7 +9,8 @@ paper's T5-large figures beside it (Standard benchmark, mean of three orders); a
 in the directory is listed as such. Then Recurrent-KIF's paired OP and BWT differences from every other
 finished method, with 95% intervals (kif_jax.compare: test examples resampled within each task, 10,000
 resamples, seed 0), and the verdict of the committed rule: a method beats another when the interval of the OP
-difference excludes 0, on the same side, in both orders.
+difference excludes 0, on the same side, in both orders. Last, per order, every finished method's score on each
+task right after learning it and after the last task (what it keeps and what it loses).
 """
 import json
 import pathlib
@@ -54,6 +55,18 @@ def method_row(directory: pathlib.Path, method: str, intervals: dict) -> str:
             f"{pct(learned)} | {time} | {paper_op} | {paper_bwt} |")
 
 
+def per_task_rows(directory: pathlib.Path, tasks: list[str]) -> list[str]:
+    """Markdown rows: each finished method's "learned -> final" score (%) on every task (MTL: final only)."""
+    rows = ["| method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for method in finished(directory):
+        r = json.loads((directory / method / "results.json").read_text())
+        learned = r.get("learned_accuracy") or [None] * len(tasks)
+        cells = [pct(final) if method == "mtl" or first is None else f"{pct(first)} → {pct(final)}"
+                 for first, final in zip(learned, r["final_accuracy"])]
+        rows.append(f"| {NAMES[method]} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def kif_differences(directory: pathlib.Path) -> dict[str, dict[str, dict]]:
     """{other method: {"op"/"bwt": Recurrent-KIF minus it, with its interval}} over the finished methods."""
     from kif_jax import compare
@@ -92,7 +105,7 @@ def main(dirs) -> None:
     from kif_jax import compare
 
     dirs = [pathlib.Path(d) for d in dirs]
-    diffs = {}
+    diffs, per_task = {}, {}
     for d in dirs:
         order = d.name.rsplit("_o", 1)[-1]
         done = finished(d)
@@ -106,6 +119,7 @@ def main(dirs) -> None:
             print(method_row(d, method, intervals))
         print()
         diffs[order] = kif_differences(d)
+        per_task[order] = per_task_rows(d, tasks) if done else []
     orders = list(diffs)
     print("| Recurrent-KIF vs | order | OP difference [95% interval] | resolved | BWT difference [95% interval] "
           "| resolved |\n|---|---|---|---|---|---|")
@@ -118,6 +132,9 @@ def main(dirs) -> None:
     print("\n| Recurrent-KIF vs | verdict (OP, both orders) |\n|---|---|")
     for other in (m for m in METHODS if m != KIF):
         print(f"| {NAMES[other]} | {verdict([diffs[o].get(other, {}).get('op') for o in orders])} |")
+    for order, rows in per_task.items():
+        print(f"\nOrder {order}, each task's accuracy right after learning it → after the last task (%):\n")
+        print("\n".join(rows))
 
 
 if __name__ == "__main__":
