@@ -13,10 +13,10 @@ from flax import nnx
 
 from kif_jax.errors import ConfigError, ModelLoadError
 from kif_jax.models import LoRAConfig, LoRAParam, from_pretrained, lora_modules
-from kif_jax.models import decoder_hf
+from kif_jax.models.decoder import hf as decoder_hf
 from kif_jax.models.decoder import (PRESET_CONFIGS, PRESETS, TINY_PRESETS, DecoderConfig, DecoderLM, hub_id, merge_lora,
                                     rope_inv_freq)
-from kif_jax.models.decoder_generate import forward_lm, greedy_decode_lm, pad_left, score_options_lm
+from kif_jax.models.decoder.generate import forward_lm, greedy_decode_lm, pad_left, score_options_lm
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 VARIANTS = ("llama", "llama3", "mistral", "qwen2", "qwen3")

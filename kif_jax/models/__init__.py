@@ -1,6 +1,6 @@
 """Model families in Flax NNX with LoRA (T5 / Flan-T5; decoder-only LLMs), loading, tokenizers, decoding."""
 from kif_jax.models.family import CausalFamily, ModelFamily, Seq2SeqFamily, build_model, family_of
-from kif_jax.models.generate import forward, generate_texts, greedy_decode, score_options
+from kif_jax.models.t5.generate import forward, generate_texts, greedy_decode, score_options
 from kif_jax.models.layers import merge_lora
 from kif_jax.models.t5 import PRESETS as T5_PRESETS
 from kif_jax.models.t5 import (
@@ -15,7 +15,7 @@ from kif_jax.models.t5 import (
 from kif_jax.models.architectures import ARCHITECTURES
 from kif_jax.models.decoder import PRESETS as DECODER_PRESETS
 from kif_jax.models.decoder import DecoderConfig, DecoderLM
-from kif_jax.models.decoder_generate import greedy_decode_lm, score_options_lm
+from kif_jax.models.decoder.generate import greedy_decode_lm, score_options_lm
 from kif_jax.models.loading import from_pretrained, save_pretrained, to_hf_state_dict
 from kif_jax.models.peft import load_adapter, save_adapter
 from kif_jax.models.tokenizers import ByteTokenizer, Tokenizer, load_tokenizer

@@ -117,7 +117,7 @@ _NO_BIAS_FIELD = tuple(f for f in _COMMON if f != "attention_bias")  # Mistral, 
 # --------------------------------------------------------------------------------------------
 
 def _t5_names() -> NameTable:
-    return importlib.import_module("kif_jax.models.t5_hf").NAMES
+    return importlib.import_module("kif_jax.models.t5.hf").NAMES
 
 
 _T5_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
@@ -148,7 +148,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
                  DecoderFeatures(qk_norm=True, gemma_norm=True, sandwich_norms=True, embed_scale=True,
                                  hidden_act="gelu_pytorch_tanh", layer_types="gemma3", rope_local_base=True),
                  gguf_arch="gemma3", gguf_block_names=_GEMMA3_GGUF, gguf_norm_offset=1.0,
-                 config_module="kif_jax.models.gemma3"),
+                 config_module="kif_jax.models.decoder.gemma3"),
     Architecture("t5", "t5", "T5ForConditionalGeneration", _T5_FIELDS, lambda: _t5_names()),
     Architecture("mt5", "t5", "MT5ForConditionalGeneration", _T5_FIELDS, lambda: _t5_names()),
 )}

@@ -199,7 +199,7 @@ class Seq2SeqFamily:
 
     def greedy(self, model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array, *,
                max_new_tokens: int) -> jax.Array:
-        from kif_jax.models.generate import greedy_decode
+        from kif_jax.models.t5.generate import greedy_decode
 
         return greedy_decode(model, input_ids, attention_mask, max_new_tokens=max_new_tokens)
 
@@ -249,13 +249,13 @@ class CausalFamily:
 
     def greedy(self, model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array, *,
                max_new_tokens: int) -> jax.Array:
-        from kif_jax.models.decoder_generate import greedy_decode_lm
+        from kif_jax.models.decoder.generate import greedy_decode_lm
 
         return greedy_decode_lm(model, input_ids, attention_mask, max_new_tokens=max_new_tokens)
 
     def score(self, model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array, option_ids: jax.Array,
               option_mask: jax.Array) -> jax.Array:
-        from kif_jax.models.decoder_generate import score_options_lm
+        from kif_jax.models.decoder.generate import score_options_lm
 
         return score_options_lm(model, input_ids, attention_mask, option_ids, option_mask)
 
@@ -342,7 +342,8 @@ def model_architecture(name: str) -> tuple[Any, str]:
     import pathlib
 
     from kif_jax.errors import KifError
-    from kif_jax.models import decoder, decoder_hf, t5
+    from kif_jax.models import decoder, t5
+    from kif_jax.models.decoder import hf as decoder_hf
     from kif_jax.models.hf_files import SafetensorsReader, read_config, weight_files
     from kif_jax.models.architectures import architecture
 

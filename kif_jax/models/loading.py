@@ -35,7 +35,7 @@ def _load(path_or_hub_id: str, *, dtype: Any, lora: LoRAConfig | None, seed: int
 
     path = resolve_gguf_name(path_or_hub_id) or os.path.expanduser(path_or_hub_id)
     if path.endswith(".gguf"):
-        from kif_jax.models import decoder_hf
+        from kif_jax.models.decoder import hf as decoder_hf
 
         return decoder_hf.load_decoder(path, dtype=dtype, lora=lora, seed=seed, mesh=mesh)
     directory = resolve_checkpoint(path)
@@ -45,17 +45,18 @@ def _load(path_or_hub_id: str, *, dtype: Any, lora: LoRAConfig | None, seed: int
     except ConfigError as e:
         raise ModelLoadError(str(e)) from None
     if family == "t5":
-        from kif_jax.models import t5_hf
+        from kif_jax.models.t5 import hf as t5_hf
 
         return t5_hf.load_t5(directory, dtype=dtype, lora=lora, seed=seed, mesh=mesh)
-    from kif_jax.models import decoder_hf
+    from kif_jax.models.decoder import hf as decoder_hf
 
     return decoder_hf.load_decoder(directory, dtype=dtype, lora=lora, seed=seed, mesh=mesh)
 
 
 def save_pretrained(model: Any, directory: str) -> None:
     """Write `config.json` and `model.safetensors` (LoRA merged) in Hugging Face's format, for either family."""
-    from kif_jax.models import decoder_hf, t5_hf
+    from kif_jax.models.decoder import hf as decoder_hf
+    from kif_jax.models.t5 import hf as t5_hf
     from kif_jax.models.t5 import T5
 
     (t5_hf if isinstance(model, T5) else decoder_hf).save_pretrained(model, directory)
@@ -63,7 +64,8 @@ def save_pretrained(model: Any, directory: str) -> None:
 
 def to_hf_state_dict(model: Any) -> dict:
     """Hugging Face names -> numpy arrays (LoRA merged), for either family."""
-    from kif_jax.models import decoder_hf, t5_hf
+    from kif_jax.models.decoder import hf as decoder_hf
+    from kif_jax.models.t5 import hf as t5_hf
     from kif_jax.models.t5 import T5
 
     return (t5_hf if isinstance(model, T5) else decoder_hf).to_hf_state_dict(model)

@@ -24,7 +24,7 @@ from flax import nnx
 
 from kif_jax.errors import ConfigError
 from kif_jax.models.architectures import ATTENTION_TYPES, architecture, decoder_features
-from kif_jax.models.gemma3 import LOCAL_THETA, layer_pattern
+from kif_jax.models.decoder.gemma3 import LOCAL_THETA, layer_pattern
 from kif_jax.models.layers import (
     DECODER,
     Dense,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kif_jax.models.decoder import DecoderLM
+from kif_jax.models.decoder.model import DecoderLM
 from kif_jax.models.decoding import greedy_loop
 
 

@@ -19,7 +19,7 @@ from kif_jax.models.hf_files import (FLOAT_DTYPES, HUB_ALLOW_PATTERNS, SAFE_INDE
                                      NameTable, SafetensorsReader, resolve_checkpoint, transpose, weight_files)
 from kif_jax.models.hf_weights import load_weights
 from kif_jax.models.layers import LoRAConfig
-from kif_jax.models.t5 import T5, T5Config
+from kif_jax.models.t5.model import T5, T5Config
 
 
 _FIELDS = {

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from kif_jax.models.decoding import greedy_loop
-from kif_jax.models.t5 import T5, shift_right
+from kif_jax.models.t5.model import T5, shift_right
 from kif_jax.models.tokenizers import Tokenizer
 
 
@@ -120,7 +120,7 @@ def generate_texts(model: nnx.Module, tokenizer: Tokenizer, texts: Sequence[str]
     causal = not isinstance(model, T5)
     if causal:
         from kif_jax.data.batching import leading_special_ids
-        from kif_jax.models.decoder_generate import greedy_decode_lm, pad_left
+        from kif_jax.models.decoder.generate import greedy_decode_lm, pad_left
 
         prefix = leading_special_ids(tokenizer)
         rows = [prefix + list(r) for r in tokenizer.encode_batch(list(texts), add_special_tokens=False)]

@@ -17,7 +17,7 @@ from flax import nnx
 from kif_jax.errors import ConfigError, ModelLoadError
 from kif_jax.models import hf_weights
 from kif_jax.models.architectures import architecture
-from kif_jax.models.decoder import DecoderConfig, DecoderLM
+from kif_jax.models.decoder.model import DecoderConfig, DecoderLM
 from kif_jax.models.hf_files import SafetensorsReader, read_config, resolve_checkpoint, weight_files
 from kif_jax.models.hf_weights import TensorReader, load_weights
 from kif_jax.models.layers import LoRAConfig
