@@ -150,7 +150,7 @@ def main() -> None:
           f"torch {torch.__version__} with {torch.get_num_threads()} threads, transformers {transformers.__version__}; "
           f"CPU {cpu_model()}, {os.cpu_count()} logical cores")
 
-    model = models.from_pretrained(models.family.resolve_model_source(args.model))
+    model = models.from_pretrained(models.loading.resolve_model_source(args.model))
     cfg = model.config
     tokenizer = load_tokenizer(args.model)
     rows = superni_prompts(args.data, tokenizer, args.batch, args.prompt_len)

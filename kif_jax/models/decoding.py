@@ -1,10 +1,15 @@
-"""The greedy decoding loop shared by every family, traceable under jit."""
+"""Decoding shared by every family: the greedy loop (traceable under jit) and `generate_texts`."""
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kif_jax.models.family import family_of
+from kif_jax.models.tokenizers import Tokenizer
 
 
 def greedy_loop(step: Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]], state: Any, start: jax.Array, *,
@@ -37,3 +42,24 @@ def greedy_loop(step: Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
     carry = (jnp.zeros((), jnp.int32), start.astype(jnp.int32), state, jnp.zeros((b,), bool), out)
     return jax.lax.while_loop(cond, body, carry)[-1]
+
+
+def generate_texts(model: nnx.Module, tokenizer: Tokenizer, texts: Sequence[str], *, batch_size: int,
+                   max_input_length: int, max_new_tokens: int) -> list[str]:
+    """Greedy answers to `texts`, every batch padded to [batch_size, max_input_length] (one compile).
+
+    The model's family encodes and pads the prompts as its decoding reads them: T5 right-padded inputs
+    ending in EOS; a decoder-only model left-padded prompts (led by the tokenizer's BOS if it adds one)
+    whose long rows keep their end.
+    """
+    family = family_of(model)
+    rows = family.encode_prompts(tokenizer, texts)
+    pending = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start: start + batch_size]
+        ids, mask = family.pad_prompts(chunk, max_input_length, tokenizer=tokenizer, batch_size=batch_size)
+        pending.append((len(chunk), family.greedy(model, ids, mask, max_new_tokens=max_new_tokens)))
+    out: list[str] = []
+    for n, tokens in pending:  # dispatch everything first, then wait: the device never idles
+        out.extend(tokenizer.decode_batch(np.asarray(tokens)[:n].tolist()))
+    return out

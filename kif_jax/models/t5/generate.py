@@ -1,4 +1,4 @@
-"""Jitted inference for T5 (greedy decoding of short targets, option scoring), and `generate_texts` for both families.
+"""Jitted inference for T5: greedy decoding of short targets, option scoring.
 
 Both jit over (graphdef, state), with the graphdef static: calling again with the same shapes and a
 model of the same structure (e.g. after a training step changed only the weights) reuses the
@@ -16,7 +16,6 @@ from flax import nnx
 
 from kif_jax.models.decoding import greedy_loop
 from kif_jax.models.t5.model import T5, shift_right
-from kif_jax.models.tokenizers import Tokenizer
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -108,36 +107,3 @@ def pad_batch(rows: Sequence[Sequence[int]], length: int, *, pad_id: int, eos_id
         ids[r, : len(row)] = row
         mask[r, : len(row)] = 1
     return ids, mask
-
-
-def generate_texts(model: nnx.Module, tokenizer: Tokenizer, texts: Sequence[str], *, batch_size: int,
-                   max_input_length: int, max_new_tokens: int) -> list[str]:
-    """Greedy answers to `texts`, every batch padded to [batch_size, max_input_length] (one compile).
-
-    T5 reads right-padded inputs ending in EOS; a decoder-only model reads left-padded prompts (led by
-    the tokenizer's BOS if it adds one) whose long rows keep their end.
-    """
-    causal = not isinstance(model, T5)
-    if causal:
-        from kif_jax.data.batching import leading_special_ids
-        from kif_jax.models.decoder.generate import greedy_decode_lm, pad_left
-
-        prefix = leading_special_ids(tokenizer)
-        rows = [prefix + list(r) for r in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
-    else:
-        rows = tokenizer.encode_batch(list(texts))
-    pending = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start: start + batch_size]
-        if causal:
-            ids, mask = pad_left(chunk, max_input_length, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
-            tokens = greedy_decode_lm(model, ids, mask, max_new_tokens=max_new_tokens)
-        else:
-            ids, mask = pad_batch(chunk, max_input_length, pad_id=tokenizer.pad_token_id,
-                                  eos_id=tokenizer.eos_token_id, batch_size=batch_size)
-            tokens = greedy_decode(model, ids, mask, max_new_tokens=max_new_tokens)
-        pending.append((len(chunk), tokens))
-    out: list[str] = []
-    for n, tokens in pending:  # dispatch everything first, then wait: the device never idles
-        out.extend(tokenizer.decode_batch(np.asarray(tokens)[:n].tolist()))
-    return out
