@@ -1,4 +1,5 @@
-"""Decoding shared by every family: the greedy loop (traceable under jit) and `generate_texts`."""
+"""Decoding shared by every family: the greedy loop (traceable under jit), host-side padding of token rows,
+and `generate_texts`."""
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
@@ -42,6 +43,25 @@ def greedy_loop(step: Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
     carry = (jnp.zeros((), jnp.int32), start.astype(jnp.int32), state, jnp.zeros((b,), bool), out)
     return jax.lax.while_loop(cond, body, carry)[-1]
+
+
+def pad_rows(rows: Sequence[Sequence[int]], length: int, *, pad_id: int, left: bool = False,
+             filler: Sequence[int], batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows of at most `length` ids -> (ids, mask) int32 [batch_size, length], padded with `pad_id` on
+    the right (or the `left`); rows added to reach `batch_size` hold `filler`, marked real."""
+    n = len(rows) if batch_size is None else batch_size
+    if len(rows) > n:
+        raise ValueError(f"{len(rows)} rows do not fit a batch of {n}")
+    ids = np.full((n, length), pad_id, np.int32)
+    mask = np.zeros((n, length), np.int32)
+    for r, row in enumerate(list(rows) + [filler] * (n - len(rows))):
+        row = list(row)
+        if len(row) > length:
+            raise ValueError(f"a row of {len(row)} ids does not fit length {length}")
+        span = slice(length - len(row), length) if left else slice(0, len(row))
+        ids[r, span] = row
+        mask[r, span] = 1
+    return ids, mask
 
 
 def generate_texts(model: nnx.Module, tokenizer: Tokenizer, texts: Sequence[str], *, batch_size: int,

@@ -17,6 +17,7 @@ from flax import nnx
 from kif_jax.errors import ConfigError, ModelLoadError
 from kif_jax.models import hf_weights
 from kif_jax.models.decoder.architectures import decoder_architecture
+from kif_jax.models.gguf import GGUFCheckpoint
 from kif_jax.models.decoder.model import DecoderConfig, DecoderLM
 from kif_jax.models.hf_files import SafetensorsReader, read_config, resolve_checkpoint, weight_files
 from kif_jax.models.hf_weights import TensorReader, load_weights
@@ -94,8 +95,6 @@ def load_decoder(path_or_dir_or_gguf: str, *, dtype: Any = jnp.float32, lora: Lo
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
             raise ModelLoadError(f"GGUF file {path} does not exist")
-        from kif_jax.models.gguf import GGUFCheckpoint
-
         checkpoint = GGUFCheckpoint(path)
         model = load_from_reader(_config(checkpoint.config, path), checkpoint, dtype=dtype, lora=lora, seed=seed,
                                  source=path, mesh=mesh)

@@ -16,8 +16,8 @@ from kif_jax.models.hf_weights import TensorReader
 from kif_jax.models.layers import DECODER, ENCODER, LoRAConfig
 from kif_jax.models.t5 import hf as t5_hf
 from kif_jax.models.t5.architectures import ARCHITECTURES, FAMILY, NAMES
-from kif_jax.models.t5.generate import greedy_decode, pad_batch
-from kif_jax.models.t5.model import PRESETS, T5, T5Config, shift_right
+from kif_jax.models.t5.generate import greedy_decode, option_log_likelihoods, pad_batch
+from kif_jax.models.t5.model import PRESETS, T5, T5Config
 from kif_jax.models.t5.tokenize import tokenize_records
 
 
@@ -57,13 +57,7 @@ class Seq2SeqFamily(ModelFamily):
 
     def score(self, model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array, option_ids: jax.Array,
               option_mask: jax.Array) -> jax.Array:
-        cfg = model.config
-        enc = model.encode(input_ids, attention_mask)  # [B, S, D], once for the row's C options
-        logits = model.decode_options(shift_right(option_ids, cfg.decoder_start_token_id, cfg.pad_token_id), enc,
-                                      attention_mask)  # [B, C, T, V]
-        picked = jnp.take_along_axis(logits, option_ids[..., None], axis=-1)[..., 0]
-        logp = picked - jax.nn.logsumexp(logits, axis=-1)  # [B, C, T]
-        return jnp.sum(jnp.where(option_mask.astype(bool), logp, 0.0), axis=-1)
+        return option_log_likelihoods(model, input_ids, attention_mask, option_ids, option_mask)
 
     # --- decoding texts ---
 

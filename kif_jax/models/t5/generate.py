@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kif_jax.models.decoding import greedy_loop
+from kif_jax.models.decoding import greedy_loop, pad_rows
 from kif_jax.models.t5.model import T5, shift_right
 
 
@@ -59,17 +59,25 @@ def greedy_decode(model: T5, input_ids: jax.Array, attention_mask: jax.Array | N
     return _greedy(graphdef, state, input_ids, jnp.asarray(attention_mask), max_new_tokens=int(max_new_tokens))
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _score(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array,
-           option_ids: jax.Array) -> jax.Array:
-    model: T5 = nnx.merge(graphdef, state)
+def option_log_likelihoods(model: T5, input_ids: jax.Array, attention_mask: jax.Array, option_ids: jax.Array,
+                           option_mask: jax.Array) -> jax.Array:
+    """Summed log-likelihood float32 [B, C] of each option [B, C, T] at its real tokens (`option_mask`),
+    teacher-forced through the decoder; traceable under jit."""
     cfg = model.config
     enc = model.encode(input_ids, attention_mask)  # [B, S, D], once for the row's C options
     logits = model.decode_options(shift_right(option_ids, cfg.decoder_start_token_id, cfg.pad_token_id), enc,
                                   attention_mask)  # [B, C, T, V]
     picked = jnp.take_along_axis(logits, option_ids[..., None], axis=-1)[..., 0]
     logp = picked - jax.nn.logsumexp(logits, axis=-1)  # [B, C, T]
-    return jnp.sum(jnp.where(option_ids != cfg.pad_token_id, logp, 0.0), axis=-1)
+    return jnp.sum(jnp.where(option_mask.astype(bool), logp, 0.0), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _score(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array,
+           option_ids: jax.Array) -> jax.Array:
+    model: T5 = nnx.merge(graphdef, state)
+    return option_log_likelihoods(model, input_ids, attention_mask, option_ids,
+                                  option_ids != model.config.pad_token_id)
 
 
 def score_options(model: T5, input_ids: jax.Array, attention_mask: jax.Array | None,
@@ -95,15 +103,5 @@ def pad_batch(rows: Sequence[Sequence[int]], length: int, *, pad_id: int, eos_id
 
     Rows added to reach `batch_size` hold a lone EOS, so that no row is fully masked.
     """
-    n = len(rows) if batch_size is None else batch_size
-    if len(rows) > n:
-        raise ValueError(f"{len(rows)} rows do not fit a batch of {n}")
-    ids = np.full((n, length), pad_id, np.int32)
-    mask = np.zeros((n, length), np.int32)
-    for r, row in enumerate(list(rows) + [[eos_id]] * (n - len(rows))):
-        row = list(row)
-        if len(row) > length:
-            row = row[: length - 1] + [eos_id]
-        ids[r, : len(row)] = row
-        mask[r, : len(row)] = 1
-    return ids, mask
+    rows = [list(row) if len(row) <= length else list(row)[: length - 1] + [eos_id] for row in rows]
+    return pad_rows(rows, length, pad_id=pad_id, filler=[eos_id], batch_size=batch_size)

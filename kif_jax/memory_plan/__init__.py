@@ -7,7 +7,8 @@ part of a method's state is optimizer, importance or other method state, the met
 (`Method.memory_parts`; kif_jax/train/state.py puts the parts together).
 
 The same plan for a run that is not at hand (a pod, a 13B model), from shapes only, no weights read
-(`kif_jax.train.plan`; the command lives in kif_jax/cli.py beside main.py's):
+(`kif_jax.train.plan`; the command lives in kif_jax/cli.py beside main.py's, run by this package's
+`__main__`):
 
     python -m kif_jax.memory_plan --config=configs/llama2_13b_pod.py --devices=16 [--method=recurrent_kif]
         [--workdir=W (writes W/<method>/memory.json)] [--json] [--config.a.b=v ...]
@@ -117,9 +118,3 @@ def format_plan(plan: dict, *, method: str, origin: str) -> str:
         lines.append(f"  {chip} chip ({fit['hbm_bytes'] / 2**30:.0f} GiB HBM): {fit['fraction']:.1%} of one chip's "
                      f"memory per device, {'fits' if fit['fits'] else 'does NOT fit'}")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # python -m kif_jax.memory_plan: the command is kif_jax.cli.memory_plan_main
-    from kif_jax.cli import memory_plan_main
-
-    raise SystemExit(memory_plan_main())
