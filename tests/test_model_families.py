@@ -93,3 +93,11 @@ def test_generate_texts_decodes_with_the_family(toy):
     ids, mask = family.pad_prompts(family.encode_prompts(tokenizer, texts[:2]), 8, tokenizer=tokenizer, batch_size=2)
     tokens = family.greedy(model, ids, mask, max_new_tokens=4)
     assert got[:2] == tokenizer.decode_batch(np.asarray(tokens).tolist()) and len(got) == 3
+
+
+def test_a_family_whose_architecture_names_another_is_refused():
+    other = type("OtherFamily", (toy_family.BigramFamily,), {"name": "other_family"})
+    with pytest.raises(ConfigError, match="names family"):
+        FAMILIES.register(other)
+    assert "other_family" not in FAMILIES.classes
+    assert toy_family.MODEL_TYPE not in architectures.ARCHITECTURES

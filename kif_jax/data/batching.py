@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any, Iterator, Sequence
 
 import numpy as np

@@ -146,16 +146,17 @@ class _FamilyRegistry(ClassRegistry):
     """The families by name; registering one registers its architectures too."""
 
     def register(self, cls: type[ModelFamily]) -> type[ModelFamily]:
-        super().register(cls)
-        for arch in cls.architectures:
+        for arch in getattr(cls, "architectures", ()):
             if arch.family != cls.name:
                 raise ConfigError(f"architecture {arch.model_type!r} of model family {cls.name!r} names family "
                                   f"{arch.family!r}")
+        super().register(cls)
+        for arch in cls.architectures:
             register_architecture(arch)
         return cls
 
 
-#: Every model family, by `Architecture.family`: the built-in ones, then those registered from outside.
+#: Every model family, by `Architecture.family` (the built-in ones load on first use).
 FAMILIES: ClassRegistry = _FamilyRegistry(ModelFamily, kind="model family", field="Architecture.family",
                                           public="ModelFamily", builtin_modules=BUILTIN_FAMILY_MODULES,
                                           attr="FAMILIES")
