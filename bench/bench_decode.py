@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from hf_peer import transformers_peer  # noqa: E402  (bench/hf_peer.py)
 from kif_jax import models  # noqa: E402
-from kif_jax.models.decoder_generate import greedy_decode_lm, pad_left  # noqa: E402
+from kif_jax.models.decoder.generate import greedy_decode_lm, pad_left  # noqa: E402
 from kif_jax.models.tokenizers import load_tokenizer  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "superni_benchmark",
@@ -150,7 +150,7 @@ def main() -> None:
           f"torch {torch.__version__} with {torch.get_num_threads()} threads, transformers {transformers.__version__}; "
           f"CPU {cpu_model()}, {os.cpu_count()} logical cores")
 
-    model = models.from_pretrained(models.family.resolve_model_source(args.model))
+    model = models.from_pretrained(models.loading.resolve_model_source(args.model))
     cfg = model.config
     tokenizer = load_tokenizer(args.model)
     rows = superni_prompts(args.data, tokenizer, args.batch, args.prompt_len)

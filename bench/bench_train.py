@@ -85,7 +85,7 @@ def main() -> None:
                           rngs=nnx.Rngs(0))
     else:
         lora_config = models.LoRAConfig(rank=8, alpha=32.0, dropout=0.05, targets=("q_proj", "v_proj"))
-        model = models.from_pretrained(models.family.resolve_model_source(args.model), lora=lora_config)
+        model = models.from_pretrained(models.loading.resolve_model_source(args.model), lora=lora_config)
     config = model.config
     family = models.family_of(model)
     causal = isinstance(family, models.CausalFamily)

@@ -210,7 +210,7 @@ def run_shape(shape: str, args: argparse.Namespace) -> tuple[float, dict[str, fl
         what = "t5-small shape, random weights"
     else:
         lora = models.LoRAConfig(rank=8, alpha=32.0, dropout=lora_dropout, targets=("q_proj", "v_proj"))
-        model = models.from_pretrained(models.family.resolve_model_source("smollm2-135m-instruct-q4"), lora=lora)
+        model = models.from_pretrained(models.loading.resolve_model_source("smollm2-135m-instruct-q4"), lora=lora)
         config = model.config
         batch, input_len, target_len = 8, 184, 8
         flops = decoder_flops(config, batch, input_len + target_len, target_len)

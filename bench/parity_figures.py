@@ -19,8 +19,8 @@ VARIANTS = ("llama", "llama3", "mistral", "qwen2", "qwen3", "mistral_window", "g
 
 def main() -> int:
     sys.path.insert(0, str(REPO))
-    from kif_jax.models import decoder_hf
-    from kif_jax.models.decoder_generate import forward_lm
+    from kif_jax.models.decoder import hf as decoder_hf
+    from kif_jax.models.decoder.generate import forward_lm
 
     with jax.default_matmul_precision("float32"):
         for variant in VARIANTS:

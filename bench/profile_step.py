@@ -51,7 +51,7 @@ def build(shape: str):
                           rngs=nnx.Rngs(0))
         lengths = (256, 8)
     elif shape == "smollm2":
-        model = models.from_pretrained(models.family.resolve_model_source("smollm2-135m-instruct-q4"), lora=lora)
+        model = models.from_pretrained(models.loading.resolve_model_source("smollm2-135m-instruct-q4"), lora=lora)
         lengths = (184, 8)
     else:
         config = models.DecoderConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

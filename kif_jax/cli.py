@@ -82,6 +82,7 @@ def loaded_config(holder: Any, flag_values: Any) -> ml_collections.ConfigDict:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     """Train and evaluate every configured method; returns the process exit code."""
+    # jax and the training code load here, once the flags are good: a user error stays a fast one-liner.
     from kif_jax import distributed, metrics
     from kif_jax.preemption import EXIT_CODE, Preempted
     from kif_jax.train import train_and_evaluate
@@ -138,7 +139,7 @@ def memory_plan_main(argv: Sequence[str] | None = None) -> int:
         config = loaded_config(holder, fv)
     except CommandError as err:
         return fail(err)
-    from kif_jax.config import split_list
+    from kif_jax.config import split_list  # jax and the training code load once the flags are good
     from kif_jax.memory_plan import chip_fit, format_plan, report_memory_plan
     from kif_jax.train.plan import plan_abstract
 

@@ -32,7 +32,7 @@ MESH_AXES = (DATA_AXIS, FSDP_AXIS, TENSOR_AXIS)
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # batch rows are split over both (FSDP is data parallel too)
 
 #: THE rules table: logical axis name -> mesh axes (None: never split). Parameters name their
-#: dimensions with these logical names (kif_jax/models/layers.py, t5.py, decoder.py).
+#: dimensions with these logical names (kif_jax/models/layers.py, t5/model.py, decoder/model.py).
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", BATCH_AXES),  # rows of a batch
     ("embed", FSDP_AXIS),  # d_model / hidden_size: the FSDP split of every weight

@@ -352,7 +352,7 @@ def test_sigkilled_tasl_run_resumes_to_the_identical_result(tmp_path):
 
 @pytest.fixture(scope="module")
 def decoder_checkpoint(tmp_path_factory) -> pathlib.Path:
-    from kif_jax.models import decoder_hf
+    from kif_jax.models.decoder import hf as decoder_hf
     from kif_jax.models.decoder import DecoderLM
     from test_causal_training import TINY
 

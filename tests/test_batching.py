@@ -6,8 +6,9 @@ import pytest
 
 from kif_jax.data.batching import (
     IGNORE_INDEX, BatchIterator, collate, eval_batches, pad_batch, power_of_two_buckets, sample_batch,
-    stack_batches, tokenize_records, tokenized_split,
+    stack_batches,
 )
+from kif_jax.models.t5.tokenize import tokenize_records, tokenized_split
 from kif_jax.models.tokenizers import ByteTokenizer
 
 TOK = ByteTokenizer()

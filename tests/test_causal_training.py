@@ -15,11 +15,11 @@ from helpers import CORE_METHODS as METHODS
 from helpers import kif_state, read_metrics
 from kif_jax import models
 from kif_jax.data import IGNORE_INDEX, collate, eval_batches
-from kif_jax.data.batching import tokenize_causal_records
+from kif_jax.models.decoder.tokenize import tokenize_causal_records
 from kif_jax.data.prompts import render_prompt
-from kif_jax.models import decoder_hf
+from kif_jax.models.decoder import hf as decoder_hf
 from kif_jax.models.decoder import DecoderConfig, DecoderLM
-from kif_jax.models.decoder_generate import greedy_decode_lm
+from kif_jax.models.decoder.generate import greedy_decode_lm
 from kif_jax.methods import Learner
 from kif_jax.methods.recurrent_kif import KifCycle
 from kif_jax.metrics import results_matrix as matrix

@@ -13,10 +13,10 @@ from flax import nnx
 
 from kif_jax.errors import ConfigError, ModelLoadError
 from kif_jax.models import LoRAConfig, LoRAParam, from_pretrained, lora_modules
-from kif_jax.models import decoder_hf
+from kif_jax.models.decoder import hf as decoder_hf
 from kif_jax.models.decoder import (PRESET_CONFIGS, PRESETS, TINY_PRESETS, DecoderConfig, DecoderLM, hub_id, merge_lora,
                                     rope_inv_freq)
-from kif_jax.models.decoder_generate import forward_lm, greedy_decode_lm, pad_left, score_options_lm
+from kif_jax.models.decoder.generate import forward_lm, greedy_decode_lm, pad_left, score_options_lm
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 VARIANTS = ("llama", "llama3", "mistral", "qwen2", "qwen3")
@@ -509,7 +509,8 @@ def test_gemma3_save_pretrained_round_trip_with_lora_by_hf_names(models, tmp_pat
 def test_gemma3_chunked_loss_and_its_gradient_equal_the_full_logits(models):
     """The loss's fast path runs the model's soft-capped tied head chunk by chunk: same value, same gradient."""
     from kif_jax.data import IGNORE_INDEX
-    from kif_jax.models.family import CausalFamily, _masked_mean_nll
+    from kif_jax.models.decoder.family import CausalFamily
+    from kif_jax.models.family import masked_mean_nll
 
     model, g = models["gemma3"]
     labels = np.where(g["attention_mask"].astype(bool), g["input_ids"], IGNORE_INDEX)
@@ -523,7 +524,7 @@ def test_gemma3_chunked_loss_and_its_gradient_equal_the_full_logits(models):
 
     def full(state):
         m = nnx.merge(graphdef, state)
-        return _masked_mean_nll(m(batch["input_ids"], batch["attention_mask"])[:, :-1], batch["labels"][:, 1:])[0]
+        return masked_mean_nll(m(batch["input_ids"], batch["attention_mask"])[:, :-1], batch["labels"][:, 1:])[0]
 
     (a, ga), (b, gb) = jax.value_and_grad(fast)(state), jax.value_and_grad(full)(state)
     assert abs(float(a) - float(b)) <= 1e-5
@@ -539,7 +540,8 @@ def test_gemma3_chunked_loss_and_its_gradient_equal_the_full_logits(models):
 
 
 def test_registry_is_the_list_errors_name(tmp_path):
-    from kif_jax.models.architectures import ARCHITECTURES, DECODER_TYPES, GGUF_ARCHITECTURES
+    from kif_jax.models.architectures import ARCHITECTURES, GGUF_ARCHITECTURES
+    from kif_jax.models.decoder.architectures import DECODER_TYPES
 
     assert DECODER_TYPES == ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
     assert sorted(GGUF_ARCHITECTURES) == ["gemma3", "llama", "qwen2", "qwen3"]

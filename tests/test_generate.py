@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from kif_jax.models import ByteTokenizer, forward, from_pretrained, generate_texts, greedy_decode, score_options
-from kif_jax.models import generate
+from kif_jax.models.t5 import generate
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 

@@ -278,7 +278,7 @@ def test_smollm2_logits_and_greedy_match_pytorch():
     import jax.numpy as jnp
 
     from kif_jax.models import from_pretrained
-    from kif_jax.models.decoder_generate import greedy_decode_lm
+    from kif_jax.models.decoder.generate import greedy_decode_lm
 
     model = from_pretrained(smollm2_path())
     golden = np.load(FIXTURES / "smollm2_golden.npz")
@@ -306,7 +306,7 @@ def test_gemma3_gguf_gives_transformers_logits(tmp_path):
     from safetensors.numpy import load_file
 
     from kif_jax.models import from_pretrained
-    from kif_jax.models.decoder_generate import forward_lm
+    from kif_jax.models.decoder.generate import forward_lm
 
     base = FIXTURES / "decoder_gemma3"
     hf = json.loads((base / "config.json").read_text())

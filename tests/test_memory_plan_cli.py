@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from kif_jax.cli import memory_plan_main as main
-from kif_jax.models.family import abstract_model
+from kif_jax.models.loading import abstract_model
 from kif_jax.models.layers import LoRAParam
 from kif_jax.train.plan import plan_config
 

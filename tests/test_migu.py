@@ -190,7 +190,7 @@ def test_both_families_report_every_lora_factor(family):
     config = tiny_config.get_config()
     config.model.name = family
     config.model.lora.targets = "q,v" if family == "tiny" else "q_proj,v_proj"
-    model, _, fam = models.family.build_model(config.model, seed=0)
+    model, _, fam = models.loading.build_model(config.model, seed=0)
     graphdef, params, frozen = nnx.split(model, models.LoRAParam, ...)
     params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape), params)
     rng = np.random.default_rng(0)

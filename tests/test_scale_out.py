@@ -19,7 +19,7 @@ from tiny_models import random_t5_batches, tiny_t5_lora
 from kif_jax import models, sharding
 from kif_jax.config import validate_config
 from kif_jax.errors import ConfigError
-from kif_jax.models.family import build_model
+from kif_jax.models.loading import build_model
 from kif_jax.models.layers import set_remat
 from kif_jax.methods.recurrent_kif import KifCycle
 from kif_jax.train import Programs, train_and_evaluate

@@ -66,7 +66,8 @@ def test_prompt_is_sapts_zero_shot_superni_prompt():
 
 def test_an_over_long_prompt_is_cut_as_the_standard_benchmarks_are():
     """Decoder-only: the instance input loses its end, the definition and "Output: " stay; T5: the end goes."""
-    from kif_jax.data.batching import tokenize_causal_records, tokenize_records
+    from kif_jax.models.decoder.tokenize import tokenize_causal_records
+    from kif_jax.models.t5.tokenize import tokenize_records
     from kif_jax.models.tokenizers import ByteTokenizer
 
     head, body, tail = sapt_prompt(DEFINITION, "x" * 500)

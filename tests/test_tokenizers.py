@@ -78,7 +78,7 @@ def test_chat_template_that_opens_with_bos_gives_one_bos(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from kif_jax.data.batching import tokenize_causal_records
+    from kif_jax.models.decoder.tokenize import tokenize_causal_records
 
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<start_of_turn>": 4, "<end_of_turn>": 5, "user": 6,
              "model": 7, "is": 8, "it": 9, "yes": 10, "no": 11, "Answer": 12, ":": 13, "?": 14}

@@ -17,8 +17,6 @@ from kif_jax.data.batching import (
     power_of_two_buckets,
     sample_batch,
     stack_batches,
-    tokenize_records,
-    tokenized_split,
 )
 from kif_jax.data.benchmark import (
     BENCHMARK_FORMATS,
@@ -48,3 +46,13 @@ __all__ = [
     "stack_batches", "task_labels", "tokenize_records", "tokenized_split", "validate_tasks",
     "write_synthetic_benchmark",
 ]
+
+
+def __getattr__(name: str):
+    """`tokenize_records` and `tokenized_split`, T5's tokenization, moved to kif_jax.models.t5.tokenize: still
+    importable from here (the README's path); imported on first use, as kif_jax.data does not depend on models."""
+    if name in ("tokenize_records", "tokenized_split"):
+        from kif_jax.models.t5 import tokenize
+
+        return getattr(tokenize, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

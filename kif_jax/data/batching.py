@@ -30,14 +30,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import weakref
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-
-from kif_jax.data.benchmark import load_split, split_path
-from kif_jax.data.prompts import prompt_parts
 
 IGNORE_INDEX = -100
 LAYOUTS = ("seq2seq", "causal")
@@ -107,133 +102,6 @@ class TokenizedDataset:
             ids=tuple(self.ids[i] for i in pick),
             tasks=tuple(self.tasks[i] for i in pick),
         )
-
-
-def _finish(rows: list[list[int]], eos: int, max_length: int) -> tuple[np.ndarray, ...]:
-    """EOS-terminate each row, then truncate to `max_length` keeping the EOS last."""
-    out = []
-    for row in rows:
-        row = list(row)
-        if not row or row[-1] != eos:
-            row.append(eos)
-        if len(row) > max_length:
-            row = row[: max_length - 1] + [eos]
-        out.append(np.asarray(row, dtype=np.int32))
-    return tuple(out)
-
-
-def tokenize_records(
-    records: Sequence[dict],
-    tokenizer: Any,
-    *,
-    max_input_length: int = 1024,
-    max_target_length: int = 128,
-) -> TokenizedDataset:
-    """Tokenize `input` and `output` of every record once (with `tokenizer.encode_batch`)."""
-    if max_input_length < 2 or max_target_length < 2:
-        raise ValueError("max_input_length and max_target_length must be at least 2 (a token and EOS)")
-    eos = int(tokenizer.eos_token_id)
-    inputs = tokenizer.encode_batch([r["input"] for r in records])
-    targets = tokenizer.encode_batch([r["output"] for r in records])
-    return TokenizedDataset(
-        input_ids=_finish(inputs, eos, max_input_length),
-        target_ids=_finish(targets, eos, max_target_length),
-        references=tuple(r["output"] for r in records),
-        ids=tuple(str(r.get("id", i)) for i, r in enumerate(records)),
-        tasks=tuple(str(r.get("task", "")) for r in records),
-        pad_token_id=int(tokenizer.pad_token_id),
-        eos_token_id=eos,
-        max_input_length=max_input_length,
-        max_target_length=max_target_length,
-    )
-
-
-def tokenize_causal_records(
-    records: Sequence[dict],
-    tokenizer: Any,
-    *,
-    max_input_length: int = 1024,
-    max_target_length: int = 128,
-    template: str = "none",
-) -> TokenizedDataset:
-    """Decoder-only rows: the prompt (template applied, led by the BOS if the tokenizer adds one, no
-    EOS) and, tokenized separately, the label + EOS, so BPE never merges across the boundary.
-
-    A prompt over `max_input_length` tokens loses the end of its example text: the instruction line
-    (with its options) and the closing line ("Answer:") are kept whole (or the head and tail of the record's
-    `prompt_parts`, where its task format gives them).
-    """
-    if max_input_length < 2 or max_target_length < 2:
-        raise ValueError("max_input_length and max_target_length must be at least 2 (a token and EOS)")
-    eos = int(tokenizer.eos_token_id)
-    prefix = leading_special_ids(tokenizer)
-    parts = [prompt_parts(r["input"], template, tokenizer, parts=r.get("prompt_parts")) for r in records]
-    inputs = []
-    for ids, (head, body, tail) in zip(tokenizer.encode_batch(["".join(p) for p in parts], add_special_tokens=False),
-                                       parts):
-        ids = prefix + list(ids)
-        if len(ids) > max_input_length:
-            ids = prefix + _cut_body(tokenizer, head, body, tail, max_input_length - len(prefix))
-        inputs.append(np.asarray(ids, dtype=np.int32))
-    labels = tokenizer.encode_batch([r["output"] for r in records], add_special_tokens=False)
-    return TokenizedDataset(
-        input_ids=tuple(inputs),
-        target_ids=tuple(np.asarray(list(t)[: max_target_length - 1] + [eos], dtype=np.int32) for t in labels),
-        references=tuple(r["output"] for r in records),
-        ids=tuple(str(r.get("id", i)) for i, r in enumerate(records)),
-        tasks=tuple(str(r.get("task", "")) for r in records),
-        pad_token_id=int(tokenizer.pad_token_id),
-        eos_token_id=eos,
-        max_input_length=max_input_length,
-        max_target_length=max_target_length,
-        layout="causal",
-    )
-
-
-def leading_special_ids(tokenizer: Any) -> list[int]:
-    """The ids the tokenizer puts before a text (LLaMA's BOS; none for SmolLM2, T5 or bytes)."""
-    plain = list(tokenizer.encode_batch(["a"], add_special_tokens=False)[0])
-    full = list(tokenizer.encode_batch(["a"], add_special_tokens=True)[0])
-    for start in range(len(full) - len(plain) + 1):
-        if full[start: start + len(plain)] == plain:
-            return full[:start]
-    return []
-
-
-def _cut_body(tokenizer: Any, head: str, body: str, tail: str, max_length: int) -> list[int]:
-    """head + the start of body + tail in at most `max_length` ids (head and tail kept whole)."""
-    head_ids, body_ids, tail_ids = (list(x) for x in tokenizer.encode_batch([head, body, tail],
-                                                                             add_special_tokens=False))
-    room = max_length - len(head_ids) - len(tail_ids)
-    if room < 0:  # not even the protected parts fit: keep the end, where the answer is asked for
-        return (head_ids + tail_ids)[-max_length:]
-    return head_ids + body_ids[:room] + tail_ids
-
-
-# tokenizer -> {(path key, task, split, lengths): dataset}; weak so a dropped tokenizer frees its cache.
-_TOKEN_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
-
-
-def tokenized_split(
-    data_dir: str | os.PathLike,
-    task: str,
-    split: str,
-    tokenizer: Any,
-    *,
-    max_input_length: int = 1024,
-    max_target_length: int = 128,
-) -> TokenizedDataset:
-    """`tokenize_records(load_split(...))`, memoised per tokenizer so each split is tokenized once."""
-    cache = _TOKEN_CACHE.setdefault(tokenizer, {})
-    stat = os.stat(split_path(data_dir, task, split)) if split_path(data_dir, task, split).is_file() else None
-    version = (stat.st_mtime_ns, stat.st_size) if stat else None  # a rewritten file is tokenized again
-    key = (os.path.abspath(data_dir), task, split, version, max_input_length, max_target_length)
-    if key not in cache:
-        cache[key] = tokenize_records(
-            load_split(data_dir, task, split), tokenizer,
-            max_input_length=max_input_length, max_target_length=max_target_length,
-        )
-    return cache[key]
 
 
 def _bucket(length: int, buckets: Sequence[int], what: str) -> int:

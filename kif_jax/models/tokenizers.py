@@ -8,6 +8,7 @@ import os
 from typing import Any, Iterator, Protocol, Sequence
 
 from kif_jax.errors import ModelLoadError
+from kif_jax.models import gguf
 
 NO_TORCH_NOTICE = "PyTorch was not found. Models won't be available"
 
@@ -127,9 +128,7 @@ def load_tokenizer(path_or_repo_id: str) -> Tokenizer:
     "smollm2-135m-instruct-q4") the tokenizer in its metadata; anything else goes through `AutoTokenizer`."""
     if path_or_repo_id in BYTE_TOKENIZER_NAMES:
         return ByteTokenizer()
-    from kif_jax.models.gguf import resolve_gguf_name
-
-    gguf_path = resolve_gguf_name(path_or_repo_id)
+    gguf_path = gguf.resolve_gguf_name(path_or_repo_id)
     if gguf_path is not None or str(path_or_repo_id).endswith(".gguf"):
         return HFTokenizer(gguf_tokenizer(gguf_path or os.path.expanduser(str(path_or_repo_id))))
     with no_torch_notice():
@@ -178,10 +177,8 @@ def gguf_tokenizer(path: str) -> Any:
     with no_torch_notice():
         from transformers import PreTrainedTokenizerFast
 
-    from kif_jax.models.gguf import open_gguf, read_metadata
-
-    reader = open_gguf(path)
-    meta = read_metadata(reader, tuple(k for k in reader.fields if k.startswith("tokenizer.")))
+    reader = gguf.open_gguf(path)
+    meta = gguf.read_metadata(reader, tuple(k for k in reader.fields if k.startswith("tokenizer.")))
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise ModelLoadError(f"{path}: GGUF tokenizer type {kind!r} is not supported (only byte-level BPE, "

@@ -37,7 +37,7 @@ from kif_jax.errors import ConfigError, DataError, KifError
 from kif_jax.evaluation import Evaluator, evaluate_task
 from kif_jax.memory_plan import activation_bytes, report_memory_plan
 from kif_jax.methods import Method, method_class, unrelated_sections
-from kif_jax.models import family as models_family
+from kif_jax.models import loading as models_loading
 from kif_jax.models.family import ModelFamily
 from kif_jax.models.layers import LoRAParam, set_remat
 from kif_jax.preemption import Preempted, PreemptionGuard
@@ -134,7 +134,7 @@ def resolve_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tup
 
 def build_model(config: ml_collections.ConfigDict, mesh: Any = None) -> tuple[Any, Any, ModelFamily]:
     """The backbone (with LoRA when only LoRA trains), its tokenizer and its family (loaded onto `mesh`)."""
-    return models_family.build_model(config.model, seed=config.seed, mesh=mesh)
+    return models_loading.build_model(config.model, seed=config.seed, mesh=mesh)
 
 
 class MethodRun:

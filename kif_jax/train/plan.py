@@ -12,7 +12,7 @@ from kif_jax.config import SYNTHETIC_DATA, validate_config, with_method_sections
 from kif_jax.errors import ConfigError
 from kif_jax.memory_plan import activation_bytes
 from kif_jax.methods import method_class
-from kif_jax.models.family import abstract_model
+from kif_jax.models.loading import abstract_model
 from kif_jax.models.layers import LoRAParam
 from kif_jax.sharding import MESH_AXES, mesh_shape
 from kif_jax.train.state import plan_method_memory

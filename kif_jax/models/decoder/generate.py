@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kif_jax.models.decoder import DecoderLM
-from kif_jax.models.decoding import greedy_loop
+from kif_jax.models.decoder.model import DecoderLM
+from kif_jax.models.decoding import greedy_loop, pad_rows
 
 
 def _mask(input_ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
@@ -127,13 +127,5 @@ def pad_left(rows: Sequence[Sequence[int]], length: int, *, pad_id: int,
 
     Empty rows, and rows added to reach `batch_size`, hold a lone `pad_id` marked real (no row is fully masked).
     """
-    n = len(rows) if batch_size is None else batch_size
-    if len(rows) > n:
-        raise ValueError(f"{len(rows)} rows do not fit a batch of {n}")
-    ids = np.full((n, length), pad_id, np.int32)
-    mask = np.zeros((n, length), np.int32)
-    for r, row in enumerate(list(rows) + [[pad_id]] * (n - len(rows))):
-        row = list(row)[-length:] or [pad_id]  # an empty prompt gets a lone pad, marked real
-        ids[r, length - len(row):] = row
-        mask[r, length - len(row):] = 1
-    return ids, mask
+    rows = [list(row)[-length:] or [pad_id] for row in rows]  # an empty prompt gets a lone pad, marked real
+    return pad_rows(rows, length, pad_id=pad_id, left=True, filler=[pad_id], batch_size=batch_size)

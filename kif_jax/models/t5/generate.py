@@ -1,4 +1,4 @@
-"""Jitted inference for T5 (greedy decoding of short targets, option scoring), and `generate_texts` for both families.
+"""Jitted inference for T5: greedy decoding of short targets, option scoring.
 
 Both jit over (graphdef, state), with the graphdef static: calling again with the same shapes and a
 model of the same structure (e.g. after a training step changed only the weights) reuses the
@@ -14,9 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kif_jax.models.decoding import greedy_loop
-from kif_jax.models.t5 import T5, shift_right
-from kif_jax.models.tokenizers import Tokenizer
+from kif_jax.models.decoding import greedy_loop, pad_rows
+from kif_jax.models.t5.model import T5, shift_right
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -60,17 +59,25 @@ def greedy_decode(model: T5, input_ids: jax.Array, attention_mask: jax.Array | N
     return _greedy(graphdef, state, input_ids, jnp.asarray(attention_mask), max_new_tokens=int(max_new_tokens))
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _score(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array,
-           option_ids: jax.Array) -> jax.Array:
-    model: T5 = nnx.merge(graphdef, state)
+def option_log_likelihoods(model: T5, input_ids: jax.Array, attention_mask: jax.Array, option_ids: jax.Array,
+                           option_mask: jax.Array) -> jax.Array:
+    """Summed log-likelihood float32 [B, C] of each option [B, C, T] at its real tokens (`option_mask`),
+    teacher-forced through the decoder; traceable under jit."""
     cfg = model.config
     enc = model.encode(input_ids, attention_mask)  # [B, S, D], once for the row's C options
     logits = model.decode_options(shift_right(option_ids, cfg.decoder_start_token_id, cfg.pad_token_id), enc,
                                   attention_mask)  # [B, C, T, V]
     picked = jnp.take_along_axis(logits, option_ids[..., None], axis=-1)[..., 0]
     logp = picked - jax.nn.logsumexp(logits, axis=-1)  # [B, C, T]
-    return jnp.sum(jnp.where(option_ids != cfg.pad_token_id, logp, 0.0), axis=-1)
+    return jnp.sum(jnp.where(option_mask.astype(bool), logp, 0.0), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _score(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array,
+           option_ids: jax.Array) -> jax.Array:
+    model: T5 = nnx.merge(graphdef, state)
+    return option_log_likelihoods(model, input_ids, attention_mask, option_ids,
+                                  option_ids != model.config.pad_token_id)
 
 
 def score_options(model: T5, input_ids: jax.Array, attention_mask: jax.Array | None,
@@ -96,48 +103,5 @@ def pad_batch(rows: Sequence[Sequence[int]], length: int, *, pad_id: int, eos_id
 
     Rows added to reach `batch_size` hold a lone EOS, so that no row is fully masked.
     """
-    n = len(rows) if batch_size is None else batch_size
-    if len(rows) > n:
-        raise ValueError(f"{len(rows)} rows do not fit a batch of {n}")
-    ids = np.full((n, length), pad_id, np.int32)
-    mask = np.zeros((n, length), np.int32)
-    for r, row in enumerate(list(rows) + [[eos_id]] * (n - len(rows))):
-        row = list(row)
-        if len(row) > length:
-            row = row[: length - 1] + [eos_id]
-        ids[r, : len(row)] = row
-        mask[r, : len(row)] = 1
-    return ids, mask
-
-
-def generate_texts(model: nnx.Module, tokenizer: Tokenizer, texts: Sequence[str], *, batch_size: int,
-                   max_input_length: int, max_new_tokens: int) -> list[str]:
-    """Greedy answers to `texts`, every batch padded to [batch_size, max_input_length] (one compile).
-
-    T5 reads right-padded inputs ending in EOS; a decoder-only model reads left-padded prompts (led by
-    the tokenizer's BOS if it adds one) whose long rows keep their end.
-    """
-    causal = not isinstance(model, T5)
-    if causal:
-        from kif_jax.data.batching import leading_special_ids
-        from kif_jax.models.decoder_generate import greedy_decode_lm, pad_left
-
-        prefix = leading_special_ids(tokenizer)
-        rows = [prefix + list(r) for r in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
-    else:
-        rows = tokenizer.encode_batch(list(texts))
-    pending = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start: start + batch_size]
-        if causal:
-            ids, mask = pad_left(chunk, max_input_length, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
-            tokens = greedy_decode_lm(model, ids, mask, max_new_tokens=max_new_tokens)
-        else:
-            ids, mask = pad_batch(chunk, max_input_length, pad_id=tokenizer.pad_token_id,
-                                  eos_id=tokenizer.eos_token_id, batch_size=batch_size)
-            tokens = greedy_decode(model, ids, mask, max_new_tokens=max_new_tokens)
-        pending.append((len(chunk), tokens))
-    out: list[str] = []
-    for n, tokens in pending:  # dispatch everything first, then wait: the device never idles
-        out.extend(tokenizer.decode_batch(np.asarray(tokens)[:n].tolist()))
-    return out
+    rows = [list(row) if len(row) <= length else list(row)[: length - 1] + [eos_id] for row in rows]
+    return pad_rows(rows, length, pad_id=pad_id, filler=[eos_id], batch_size=batch_size)

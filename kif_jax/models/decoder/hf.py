@@ -1,7 +1,7 @@
 """Hugging Face decoder-only checkpoints (and GGUF files) <-> kif_jax `DecoderLM`, without torch.
 
 The config comes from `config.json` (or a GGUF file's metadata); the tensors go through the shared
-loader and exporter (`hf_weights`) with the architecture's name table (`architectures`).
+loader and exporter (`hf_weights`) with the architecture's name table (`decoder/architectures.py`).
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from flax import nnx
 
 from kif_jax.errors import ConfigError, ModelLoadError
 from kif_jax.models import hf_weights
-from kif_jax.models.architectures import architecture
-from kif_jax.models.decoder import DecoderConfig, DecoderLM
+from kif_jax.models.decoder.architectures import decoder_architecture
+from kif_jax.models.gguf import GGUFCheckpoint
+from kif_jax.models.decoder.model import DecoderConfig, DecoderLM
 from kif_jax.models.hf_files import SafetensorsReader, read_config, resolve_checkpoint, weight_files
 from kif_jax.models.hf_weights import TensorReader, load_weights
 from kif_jax.models.layers import LoRAConfig
@@ -33,7 +34,7 @@ _HEAD = "lm_head.weight"
 # --------------------------------------------------------------------------------------------
 
 
-def _untie_if_separate_head(config: DecoderConfig, reader: TensorReader) -> DecoderConfig:
+def untie_if_separate_head(config: DecoderConfig, reader: TensorReader) -> DecoderConfig:
     """A config that says tied but a stored lm_head that differs from the embedding: keep the head."""
     names = set(reader.names())
     if not config.tie_word_embeddings or _HEAD not in names:
@@ -48,9 +49,9 @@ def load_from_reader(config: DecoderConfig, reader: TensorReader, *, dtype: Any 
                      lora: LoRAConfig | None = None, seed: int = 0, source: str = "checkpoint",
                      mesh: Any = None) -> DecoderLM:
     """A `DecoderLM` of `config` whose parameters (in `dtype`) come from `reader`'s tensors (`hf_weights`)."""
-    config = _untie_if_separate_head(config, reader)
+    config = untie_if_separate_head(config, reader)
     return load_weights(lambda: DecoderLM(config, lora=lora, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed)),
-                        architecture(config.model_type).names, reader, lora=lora, seed=seed, source=source,
+                        decoder_architecture(config.model_type).names, reader, lora=lora, seed=seed, source=source,
                         what=f"{config.model_type} model", mesh=mesh, ignored=_IGNORED,
                         tied_copies=("lm_head.kernel",) if config.tie_word_embeddings else ())
 
@@ -94,8 +95,6 @@ def load_decoder(path_or_dir_or_gguf: str, *, dtype: Any = jnp.float32, lora: Lo
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
             raise ModelLoadError(f"GGUF file {path} does not exist")
-        from kif_jax.models.gguf import GGUFCheckpoint
-
         checkpoint = GGUFCheckpoint(path)
         model = load_from_reader(_config(checkpoint.config, path), checkpoint, dtype=dtype, lora=lora, seed=seed,
                                  source=path, mesh=mesh)
@@ -117,9 +116,9 @@ def load_decoder(path_or_dir_or_gguf: str, *, dtype: Any = jnp.float32, lora: Lo
 
 def to_hf_state_dict(model: DecoderLM) -> dict[str, np.ndarray]:
     """Hugging Face names -> numpy arrays, adapters merged into their kernels (W + scale A B)."""
-    return hf_weights.to_hf_state_dict(model, architecture(model.config.model_type).names)
+    return hf_weights.to_hf_state_dict(model, decoder_architecture(model.config.model_type).names)
 
 
 def save_pretrained(model: DecoderLM, directory: str) -> None:
     """Write `config.json` and `model.safetensors` (LoRA merged) that `load_decoder` and HF read."""
-    hf_weights.save_pretrained(model, directory, architecture(model.config.model_type).names)
+    hf_weights.save_pretrained(model, directory, decoder_architecture(model.config.model_type).names)

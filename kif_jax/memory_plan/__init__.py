@@ -7,7 +7,8 @@ part of a method's state is optimizer, importance or other method state, the met
 (`Method.memory_parts`; kif_jax/train/state.py puts the parts together).
 
 The same plan for a run that is not at hand (a pod, a 13B model), from shapes only, no weights read
-(`kif_jax.train.plan`; the command lives in kif_jax/cli.py beside main.py's):
+(`kif_jax.train.plan`; the command lives in kif_jax/cli.py beside main.py's, run by this package's
+`__main__`):
 
     python -m kif_jax.memory_plan --config=configs/llama2_13b_pod.py --devices=16 [--method=recurrent_kif]
         [--workdir=W (writes W/<method>/memory.json)] [--json] [--config.a.b=v ...]
@@ -23,18 +24,15 @@ import jax
 from absl import logging
 from jax.sharding import Mesh
 
-from kif_jax.models.family import LOSS_CHUNK
+from kif_jax.models.family import family_of
 from kif_jax.sharding import BATCH_AXES, TENSOR_AXIS, batch_spec, per_device_bytes
 
 
 def loss_logit_positions(model: Any, *, input_length: int, target_length: int) -> int:
-    """Positions a row whose float32 logits the training loss holds at once: T5's target positions; a
-    decoder's one chunk of `LOSS_CHUNK` labelled positions, or every position when its head is not a
-    plain matmul (`DecoderLM.plain_head`)."""
-    if not hasattr(model, "plain_head"):  # encoder-decoder: logits over the decoder's target positions
-        return target_length
-    length = input_length + target_length
-    return min(LOSS_CHUNK, length) if model.plain_head else length
+    """Positions a row whose float32 logits the training loss holds at once, as the model's family says (T5:
+    its target positions; a decoder: one chunk of labelled positions, or every position when its head is
+    not a plain matmul)."""
+    return family_of(model).loss_logit_positions(model, input_length=input_length, target_length=target_length)
 
 
 def activation_bytes(model: Any, *, micro_batch_size: int, input_length: int, target_length: int,
@@ -46,14 +44,10 @@ def activation_bytes(model: Any, *, micro_batch_size: int, input_length: int, ta
     split by the `tensor` axis where heads and MLP are. "full" remat keeps each layer's input and one
     layer's tensors; the other policies are counted like "none" (an upper bound). Plus the float32
     logits and their gradient at the positions a row the loss holds (`loss_logit_positions`).
-    `model` may be abstract (`jax.eval_shape`): only its config and head are read.
+    `model` may be abstract (`jax.eval_shape`): only its config and head are read (by its family).
     """
-    model_config = model.config
     logit_positions = loss_logit_positions(model, input_length=input_length, target_length=target_length)
-    g = lambda *names: next((getattr(model_config, n) for n in names if getattr(model_config, n, None)), 0)  # noqa: E731
-    d, ff, heads, vocab = g("d_model", "hidden_size"), g("d_ff", "intermediate_size"), \
-        g("num_heads", "num_attention_heads"), g("vocab_size")
-    layers = g("num_hidden_layers") or g("num_layers") + g("num_decoder_layers")
+    d, ff, heads, vocab, layers = family_of(model).sizes(model.config)
     spec = batch_spec(mesh, micro_batch_size, 0)
     shards = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape) if len(spec) else 1
     rows = math.ceil(micro_batch_size / shards)
@@ -124,9 +118,3 @@ def format_plan(plan: dict, *, method: str, origin: str) -> str:
         lines.append(f"  {chip} chip ({fit['hbm_bytes'] / 2**30:.0f} GiB HBM): {fit['fraction']:.1%} of one chip's "
                      f"memory per device, {'fits' if fit['fits'] else 'does NOT fit'}")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # python -m kif_jax.memory_plan: the command is kif_jax.cli.memory_plan_main
-    from kif_jax.cli import memory_plan_main
-
-    raise SystemExit(memory_plan_main())

@@ -1,13 +1,13 @@
 """Hugging Face T5 checkpoints <-> kif_jax `T5`, through `safetensors` alone (no torch).
 
-T5's name table (both directions, an explicit transform per row) is here; the tensors go through the
-shared loader and exporter (`hf_weights`), which check every shape against the abstract model
+The tensors go through the shared loader and exporter (`hf_weights`) with T5's name table (both directions,
+an explicit transform per row; `t5/architectures.py`), which check every shape against the abstract model
 before any tensor is read and report every problem in one `ModelLoadError`.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,48 +16,19 @@ from flax import nnx
 from kif_jax.errors import ConfigError, ModelLoadError
 from kif_jax.models import hf_weights
 from kif_jax.models.hf_files import (FLOAT_DTYPES, HUB_ALLOW_PATTERNS, SAFE_INDEX, SAFE_WEIGHTS,  # noqa: F401
-                                     NameTable, SafetensorsReader, resolve_checkpoint, transpose, weight_files)
+                                     SafetensorsReader, resolve_checkpoint, weight_files)
 from kif_jax.models.hf_weights import load_weights
 from kif_jax.models.layers import LoRAConfig
-from kif_jax.models.t5 import T5, T5Config
+from kif_jax.models.t5.architectures import NAMES
+from kif_jax.models.t5.model import T5, T5Config
 
 
-_FIELDS = {
-    "stack": r"encoder|decoder",
-    "i": r"\d+",
-    "proj": r"q|k|v|o",
-    "ff": r"wi|wi_0|wi_1|wo",
-}
-
-
-_t = transpose  # [out, in] (torch) <-> [in, out] (kif_jax)
-
-
-# (Hugging Face name, model path, transform applied on load; its inverse is the same transpose).
-_TABLE: tuple[tuple[str, str, Callable[[np.ndarray], np.ndarray] | None], ...] = (
-    ("shared.weight", "shared.embedding", None),
-    ("{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-     "{stack}.relative_attention_bias.embedding", None),
-    ("{stack}.block.{i}.layer.0.SelfAttention.{proj}.weight", "{stack}.blocks.{i}.self_attention.{proj}.kernel", _t),
-    ("{stack}.block.{i}.layer.0.layer_norm.weight", "{stack}.blocks.{i}.self_attention_norm.scale", None),
-    ("decoder.block.{i}.layer.1.EncDecAttention.{proj}.weight", "decoder.blocks.{i}.cross_attention.{proj}.kernel", _t),
-    ("decoder.block.{i}.layer.1.layer_norm.weight", "decoder.blocks.{i}.cross_attention_norm.scale", None),
-    ("encoder.block.{i}.layer.1.DenseReluDense.{ff}.weight", "encoder.blocks.{i}.ff.{ff}.kernel", _t),
-    ("encoder.block.{i}.layer.1.layer_norm.weight", "encoder.blocks.{i}.ff_norm.scale", None),
-    ("decoder.block.{i}.layer.2.DenseReluDense.{ff}.weight", "decoder.blocks.{i}.ff.{ff}.kernel", _t),
-    ("decoder.block.{i}.layer.2.layer_norm.weight", "decoder.blocks.{i}.ff_norm.scale", None),
-    ("{stack}.final_layer_norm.weight", "{stack}.final_norm.scale", None),
-    ("lm_head.weight", "lm_head.kernel", _t),
-)
 # Tied copies of `shared.weight`, and a bias Hugging Face creates but never uses.
 _IGNORED = (
     r"(encoder|decoder)\.embed_tokens\.weight",
     r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight",
 )
 _EMBED_ALIASES = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-
-
-NAMES = NameTable(_TABLE, _FIELDS)
 
 
 # --------------------------------------------------------------------------------------------

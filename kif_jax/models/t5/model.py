@@ -1,7 +1,7 @@
 """T5 encoder-decoder (v1.0 and v1.1 / Flan-T5) in Flax NNX, with LoRA on chosen projections.
 
 Layout follows Hugging Face's `T5ForConditionalGeneration` so its checkpoints map one to one
-(see `t5_hf.py`): kernels are stored [in, out], the relative position bias lives once per stack
+(see `t5/hf.py`): kernels are stored [in, out], the relative position bias lives once per stack
 (Hugging Face keeps it in block 0 and shares it), and every random choice of a call (dropout)
 comes from the call's `rngs`, so a model splits into (graphdef, LoRA state, frozen state) only.
 """
@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from kif_jax.errors import ConfigError
+from kif_jax.models.t5.architectures import t5_architecture
 from kif_jax.models.layers import (  # noqa: F401 - LoRAConfig, LoRAParam, Dense, Embed, RMSNorm, merge_lora re-exported
     DECODER,
     ENCODER,
@@ -126,9 +127,7 @@ class T5Config:
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "T5Config":
         """From a Hugging Face `config.json` dict (hub style and transformers-5 style alike)."""
-        from kif_jax.models.architectures import architecture
-
-        architecture(hf.get("model_type", "t5"), family="t5", where="config.json has model_type")
+        t5_architecture(hf.get("model_type", "t5"), where="config.json has model_type")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in hf.items() if k in names and v is not None}
         if isinstance(kwargs.get("eos_token_id"), (list, tuple)):
@@ -403,6 +402,7 @@ class DecodeCache(NamedTuple):
 class T5(nnx.Module):
     """T5 for conditional generation: `model(input_ids, decoder_input_ids)` -> float32 logits [B, T, V]."""
 
+    family = "t5"  # the `ModelFamily` that serves it (kif_jax/models/family.py)
     #: What `from_pretrained` loaded it from (hub id, directory, `.gguf` file or preset); None if built here.
     name_or_path: str | None = None
 

@@ -1,10 +1,10 @@
 """Decoder-only causal LMs (LLaMA-2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2, Gemma 3) in Flax NNX, with LoRA.
 
 Module paths mirror Hugging Face's `*ForCausalLM` names (`model.layers.0.self_attn.q_proj`, ...), so
-checkpoint names and PEFT keys map one to one (see `decoder_hf.py`); kernels are stored [in, out].
+checkpoint names and PEFT keys map one to one (see `decoder/hf.py`); kernels are stored [in, out].
 Positions come from the attention mask (the first real token is position 0), so a left-padded row
 gives the logits of the same row unpadded. What each `model_type` switches on (q/k norms, Gemma's
-norms and embedding scale, per-layer sliding windows) comes from `architectures.ARCHITECTURES`; a
+norms and embedding scale, per-layer sliding windows) comes from its entry in `decoder/architectures.py`; a
 sliding layer's query at position i sees keys at positions i - window < j <= i, transformers' rule
 (`masking_utils.sliding_window_overlay`) written over positions, which equals its index rule for
 left-padded rows. Every random choice of a call (dropout) comes from the
@@ -23,8 +23,7 @@ import numpy as np
 from flax import nnx
 
 from kif_jax.errors import ConfigError
-from kif_jax.models.architectures import ATTENTION_TYPES, architecture, decoder_features
-from kif_jax.models.gemma3 import LOCAL_THETA, layer_pattern
+from kif_jax.models.decoder.architectures import ATTENTION_TYPES, decoder_architecture, decoder_features
 from kif_jax.models.layers import (
     DECODER,
     Dense,
@@ -44,8 +43,6 @@ from kif_jax.models.layers import (
 )
 
 ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh")
-#: transformers' default `max_window_layers` of Qwen2/Qwen3 (layers from it on slide when a window is used).
-QWEN_MAX_WINDOW_LAYERS = 28
 _ROPE_TYPES = ("default", "linear", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -71,6 +68,20 @@ def _rope_items(value: Any, field: str) -> tuple[tuple[str, Any], ...] | None:
     if items["rope_type"] == "default" and len(items) == 1:
         return None
     return tuple(sorted(items.items()))
+
+
+def _rope_from_hf(hf: Mapping[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The generic RoPE reading of a config.json: `rope_theta` and `rope_scaling` (raw), from the hub's legacy
+    keys or transformers 5's single `rope_parameters`, added to `kwargs`."""
+    rope_theta, scaling = hf.get("rope_theta"), hf.get("rope_scaling")
+    params = hf.get("rope_parameters")
+    if isinstance(params, Mapping):
+        if any(isinstance(v, Mapping) for v in params.values()):
+            raise ConfigError(f"DecoderConfig: per-layer rope_parameters are not supported for {hf.get('model_type')}")
+        rope_theta, scaling = params.get("rope_theta", rope_theta), params
+    kwargs["rope_theta"] = 10000.0 if rope_theta is None else rope_theta
+    kwargs["rope_scaling"] = scaling
+    return kwargs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +138,7 @@ class DecoderConfig:
                 raise ConfigError(f"DecoderConfig.{name} must be a positive integer, got {value!r}")
             put(name, int(value))
 
-        features = decoder_features(architecture(self.model_type, family="decoder",
-                                                 where="DecoderConfig.model_type").model_type)
+        features = decoder_architecture(self.model_type, where="DecoderConfig.model_type").features
         if self.num_key_value_heads is None:
             put("num_key_value_heads", self.num_attention_heads)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -169,11 +179,11 @@ class DecoderConfig:
                               f"got {self.hidden_act!r}")
         if self.sliding_window is not None:
             positive_int("sliding_window")
-        put("layer_types", self._resolve_layer_types(features.layer_types))
+        put("layer_types", self._resolve_layer_types(features.sliding_layers))
         if self.query_pre_attn_scalar is None:
             put("query_pre_attn_scalar", self.head_dim)
-        if self.rope_local_base_freq is None and features.rope_local_base:
-            put("rope_local_base_freq", LOCAL_THETA)
+        if self.rope_local_base_freq is None:
+            put("rope_local_base_freq", features.rope_local_base_freq)
         for name in ("query_pre_attn_scalar", "rope_local_base_freq", "final_logit_softcapping",
                      "attn_logit_softcapping"):
             value = getattr(self, name)
@@ -227,18 +237,14 @@ class DecoderConfig:
                 raise ConfigError(f"DecoderConfig.eos_token_ids holds {value}, outside the vocabulary "
                                   f"[0, {self.vocab_size})")
 
-    def _resolve_layer_types(self, default: str) -> tuple[str, ...]:
-        """Each layer's attention type: the given list checked, or the architecture's default pattern."""
+    def _resolve_layer_types(self, sliding_layers: Any) -> tuple[str, ...]:
+        """Each layer's attention type: the given list checked, or the architecture's pattern (`sliding_layers`
+        of the number of layers) when a window is set."""
         n, window = self.num_hidden_layers, self.sliding_window
         if self.layer_types is None:
-            if window is None or default == "none":
+            if window is None or sliding_layers is None:
                 return ("full_attention",) * n
-            if default == "all":
-                return ("sliding_attention",) * n
-            if default == "qwen":
-                return tuple("sliding_attention" if i >= QWEN_MAX_WINDOW_LAYERS else "full_attention"
-                             for i in range(n))
-            return layer_pattern(n)
+            return tuple(sliding_layers(n))
         if isinstance(self.layer_types, str) or len(self.layer_types) != n:
             raise ConfigError(f"DecoderConfig.layer_types must list one type per layer ({n}), got {self.layer_types!r}")
         bad = sorted(set(self.layer_types) - set(ATTENTION_TYPES))
@@ -261,10 +267,11 @@ class DecoderConfig:
     def from_hf(cls, hf: Mapping[str, Any]) -> "DecoderConfig":
         """From a Hugging Face `config.json` dict (hub style and transformers-5 `rope_parameters` alike).
 
-        Only the fields its architecture lists (`architectures.ARCHITECTURES`) are read.
+        Only the fields its architecture lists (`decoder/architectures.py`) are read; an architecture with a
+        reading of its own (`Architecture.config_from_hf`) reads RoPE and its other fields itself.
         """
         model_type = hf.get("model_type")
-        arch = architecture(model_type, family="decoder", where="config.json has model_type")
+        arch = decoder_architecture(model_type, where="config.json has model_type")
         if hf.get("mlp_bias"):
             raise ConfigError("DecoderConfig: mlp_bias=true is not supported")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -275,33 +282,16 @@ class DecoderConfig:
             kwargs["bos_token_id"] = hf["bos_token_id"]
         if isinstance(kwargs.get("layer_types"), list):
             kwargs["layer_types"] = tuple(kwargs["layer_types"])
-        module = arch.module()
-        if module is not None:  # the architecture's own reading (Gemma 3: RoPE per layer type, ...)
-            kwargs = module.config_from_hf(hf, kwargs)
-        else:
-            rope_theta, scaling = hf.get("rope_theta"), hf.get("rope_scaling")
-            params = hf.get("rope_parameters")
-            if isinstance(params, Mapping):
-                if any(isinstance(v, Mapping) for v in params.values()):
-                    raise ConfigError(f"DecoderConfig: per-layer rope_parameters are not supported for {model_type}")
-                rope_theta, scaling = params.get("rope_theta", rope_theta), params
-            kwargs["rope_theta"] = 10000.0 if rope_theta is None else rope_theta
-            kwargs["rope_scaling"] = scaling
+        if arch.config_from_hf is None:
+            kwargs = _rope_from_hf(hf, kwargs)
+        else:  # the architecture's own reading (Qwen: its window; Gemma 3: RoPE per layer type, ...)
+            kwargs = arch.config_from_hf(hf, kwargs, _rope_from_hf)
         scaling = _rope_items(kwargs["rope_scaling"], "rope_scaling")
         if scaling is not None and dict(scaling)["rope_type"] == "llama3" and \
                 "original_max_position_embeddings" not in dict(scaling):
             scaling = tuple(sorted({**dict(scaling), "original_max_position_embeddings":
                                     hf.get("max_position_embeddings", 2048)}.items()))
         kwargs["rope_scaling"] = scaling
-        if arch.features.layer_types == "qwen":
-            window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
-            kwargs["sliding_window"] = window
-            if window is None:
-                kwargs.pop("layer_types", None)
-            elif "layer_types" not in kwargs:
-                first = int(hf.get("max_window_layers", QWEN_MAX_WINDOW_LAYERS))
-                kwargs["layer_types"] = tuple("sliding_attention" if i >= first else "full_attention"
-                                              for i in range(int(hf.get("num_hidden_layers", 32))))
         if isinstance(kwargs.get("layer_types"), list):
             kwargs["layer_types"] = tuple(kwargs["layer_types"])
         eos = hf.get("eos_token_id")
@@ -327,15 +317,15 @@ class DecoderConfig:
 
         It holds the fields the architecture reads, so `from_hf(to_hf())` gives this config back.
         """
-        arch = architecture(self.model_type)
+        arch = decoder_architecture(self.model_type)
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["eos_token_id"] = list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_id
         out["rope_scaling"] = None if self.rope_scaling is None else dict(self.rope_scaling)
         out["rope_freq_factors"] = None if self.rope_freq_factors is None else list(self.rope_freq_factors)
         out["layer_types"] = list(self.layer_types)
         out["hidden_activation"] = self.hidden_act
-        if arch.features.layer_types == "qwen":
-            out["use_sliding_window"] = self.sliding_window is not None
+        if arch.config_to_hf is not None:
+            out = arch.config_to_hf(self, out)
         nullable = ("sliding_window", "rope_scaling", "bos_token_id", "final_logit_softcapping",
                     "attn_logit_softcapping")
         if float(self.query_pre_attn_scalar).is_integer():  # transformers' strict config wants an int
@@ -708,6 +698,7 @@ def head_logits(head: OutputHead, h: jax.Array) -> jax.Array:
 class DecoderLM(nnx.Module):
     """A causal LM: `model(input_ids, attention_mask)` -> float32 logits [B, T, V]."""
 
+    family = "decoder"  # the `ModelFamily` that serves it (kif_jax/models/family.py)
     #: What `from_pretrained` loaded it from (hub id, directory, `.gguf` file or preset); None if built here.
     name_or_path: str | None = None
 

@@ -1,6 +1,6 @@
 """Gemma 3 text (`gemma3_text`, transformers' `Gemma3ForCausalLM`): how its config.json and GGUF files differ.
 
-Its blocks are `decoder.DecoderLM`'s with the switches of its registry entry (architectures.py): (1 + w)
+Its blocks are `DecoderLM`'s with the switches of its registry entry (decoder/architectures.py): (1 + w)
 RMSNorms in float32, norms after attention and around the MLP, q/k norms, embeddings times
 sqrt(hidden_size), tanh-GELU. What is read here: a RoPE base per layer type (transformers 5's nested
 `rope_parameters`, or the hub's `rope_theta` / `rope_local_base_freq` / `rope_scaling`, scaling on
@@ -22,10 +22,11 @@ def layer_pattern(num_layers: int, pattern: int = SLIDING_PATTERN) -> tuple[str,
     return tuple("sliding_attention" if (i + 1) % int(pattern) else "full_attention" for i in range(num_layers))
 
 
-def config_from_hf(hf: Mapping[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+def config_from_hf(hf: Mapping[str, Any], kwargs: dict[str, Any], read_rope: Callable[..., Any]) -> dict[str, Any]:
     """`DecoderConfig` keyword arguments of a Gemma 3 config.json, added to the generic ones in `kwargs`.
 
-    Sets rope_theta and rope_scaling (of the full-attention layers, raw) and rope_local_base_freq.
+    Sets rope_theta and rope_scaling (of the full-attention layers, raw) and rope_local_base_freq, by its
+    own reading of RoPE per layer type instead of the generic `read_rope`.
     """
     if hf.get("use_bidirectional_attention"):
         raise ConfigError("DecoderConfig: use_bidirectional_attention=true (an embedding model) is not supported")
