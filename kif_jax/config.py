@@ -18,7 +18,10 @@ from typing import Any
 
 import ml_collections
 
+from kif_jax.comma_lists import split_list
 from kif_jax.errors import ConfigError
+from kif_jax.methods import method_class, sections
+from kif_jax.tasks import run_format
 
 SYNTHETIC_DATA = "synthetic"
 DATA_DIR_ENV = "KIF_DATA_DIR"
@@ -150,8 +153,6 @@ def base_config() -> ml_collections.ConfigDict:
 
 def _add_method_sections(c: ml_collections.ConfigDict) -> None:
     """Every built-in method's config section, in registry order."""
-    from kif_jax.methods import sections
-
     for section, cls in sections().items():
         c[section] = cls.default_config()
 
@@ -159,8 +160,6 @@ def _add_method_sections(c: ml_collections.ConfigDict) -> None:
 def with_method_sections(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`config`, or a copy with the default section of every method of one's own named in `methods` that
     brings a section the config lacks (built-in sections are always in `base_config`)."""
-    from kif_jax.methods import method_class
-
     missing = {}
     for name in split_list(config.methods):
         cls = method_class(name)
@@ -205,19 +204,12 @@ def _flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]
     return out
 
 
-def split_list(value: str) -> list[str]:
-    """A comma-separated config string as a list, blanks dropped."""
-    return [part.strip() for part in str(value).split(",") if part.strip()]
-
-
 def _schema(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The fields a config may have: `base_config()` and the sections of its methods of one's own."""
     schema = base_config()
     for name in split_list(config.methods) if isinstance(config.get("methods"), str) else ():
         try:
-            from kif_jax.methods import method_class
-
-            cls = method_class(name)
+                    cls = method_class(name)
         except ConfigError:
             continue  # reported with the other method checks below
         if cls.section and cls.section not in schema and cls.default_config() is not None:
@@ -227,8 +219,6 @@ def _schema(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Check fields, types and ranges; raise ConfigError naming the first bad field."""
-    from kif_jax.methods import method_class, sections
-
     known = _flatten(_schema(config))
     given = _flatten(config)
     for name in given:
@@ -296,8 +286,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.eval.schedule == "diagonal" and config.eval.all_tasks:
         raise ConfigError("config field 'eval.schedule' is 'diagonal' (after each task only that task) but "
                           "eval.all_tasks asks for every task after every task; set one of them")
-    from kif_jax.tasks import run_format
-
     fmt = run_format(config)  # an unknown format is one line
     if config.eval.mode == "score" and not fmt.has_options:
         raise ConfigError(f"config field 'eval.mode' is 'score' (rank the label options), but task format "
@@ -307,8 +295,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def field_docs() -> dict[str, str]:
     """Each config field's one-line doc: the comment on its line in `base_config` (or in its method
     section's `default_config`), else the comment above it."""
-    from kif_jax.methods import sections
-
     docs = _source_docs(base_config, "")
     for section, cls in sections().items():
         docs.update(_source_docs(cls.default_config, section + "."))

@@ -30,11 +30,11 @@ from flax import struct
 
 import kif_jax
 from kif_jax import sharding
+from kif_jax.core.fusion_stats import fusion_record, fusion_stats, leaf_layout
 from kif_jax.data.batching import sample_batch
 from kif_jax.errors import ConfigError
 from kif_jax.methods.base import (INNER_STREAM, OUTER_STREAM, STATIC_STREAM, Learner, Method, Program, all_finite,
                                   where_tree)
-from kif_jax.report.fusion_stats import fusion_record, fusion_stats, leaf_layout
 
 F32 = jnp.float32
 STATIC_IMPORTANCE_STREAM = 2**31 - 1  # numpy seed word for the -DIE estimate's memory batches
@@ -346,7 +346,7 @@ class GlobalMergeFusion:
 
 
 def fusion_records(task: Any, stats: dict, step: int, *, first: bool) -> list[dict]:
-    """A "fusion_stats" record (kif_jax/report/fusion_stats.py); a task's first follows a "fusion_leaves" one."""
+    """A "fusion_stats" record (kif_jax/core/fusion_stats.py); a task's first follows a "fusion_leaves" one."""
     head = task.head()
     records = [{"event": "fusion_leaves", **head, **leaf_layout(task.init_params)}] if first else []
     records.append({"event": "fusion_stats", **head, "task": ",".join(task.phases[task.phase]), "step": step,
