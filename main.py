@@ -27,6 +27,7 @@ def _fail(message: object) -> None:
 
 
 if __name__ == "__main__":  # before the config flag is defined: it applies the overrides as it loads
+    sys.argv[:] = cli.renamed_overrides(sys.argv)
     _unknown = cli.unknown_override(sys.argv)
     if _unknown:
         _fail(_unknown)

@@ -36,7 +36,7 @@ def get_config():
     c.train.max_target_length = 16
 
     c.kif.outer_batch_size = 16
-    c.kif.memory_ratio = 0.1  # 38 examples of each earlier task (2% of 384 would be 7)
+    c.memory_buffer.ratio = 0.1  # 38 examples of each earlier task (2% of 384 would be 7)
 
     c.eval.batch_size = 96
     c.eval.max_new_tokens = 8

@@ -69,7 +69,7 @@ What has no counterpart here:
     (`--gen_data_dir generated_data/lora_gen_superni_t5`, `--add_instruction_replay`, `--data_replay_freq 1`,
     gen:176, 205-206). None of the three methods here uses them. SAPT @ 52a52b9 ships no SeqLoRA (or other
     baseline) script: its one T5 SuperNI budget is this script's, and SeqLoRA, Replay and Recurrent-KIF
-    all run at it here. Replay and Recurrent-KIF replay real examples: the memory buffer, kif.memory_ratio
+    all run at it here. Replay and Recurrent-KIF replay real examples: the memory buffer, memory_buffer.ratio
     2% of each earlier task's training file; the KIF settings are kif_jax's (the reference's) defaults.
   - `--bf16` autocast (see model.dtype), `--per_device_eval_batch_size` per GPU (eval.batch_size is a
     decoding batch over all devices), `--max_num_instances_per_eval_task 200` (run_t5.py:242-243; SuperNI's

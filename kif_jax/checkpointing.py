@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from kif_jax.config import RENAMED_FIELDS
 from kif_jax.errors import CheckpointError
 
 # Fields that may change between a run and its resumption without changing its results.
@@ -29,6 +30,10 @@ _NOT_FINGERPRINTED = ("checkpoint", "sharding", "methods", "eval.batch_size")
 # Fields added after runs were made, with the value that gives those runs' results: at that value they are left
 # out of the fingerprint, so checkpoints written before the field existed still resume and serve as prefixes.
 _ADDED_WITH_DEFAULT = {"task_format": "", "eval.schedule": "full"}
+# Fields that moved (kif_jax.config.RENAMED_FIELDS) are hashed under their old names. Every method read the section
+# that held them (`kif.inner_steps`, `kif.memory_ratio`), so every method's fingerprint keeps that section whole:
+# checkpoints written before the move, with the same settings, still resume.
+_SECTIONS_OF_RENAMED = frozenset(old.partition(".")[0] for old in RENAMED_FIELDS)
 # The layout of the training state a checkpoint holds. 2: every method's own state under `TrainState.method`
 # (kif_jax/methods/); checkpoints without the field were written before (layout 1) and are refused.
 STATE_LAYOUT = 2
@@ -41,13 +46,30 @@ def config_fingerprint(config: ml_collections.ConfigDict, leave_out: Iterable[st
     further fields or sections the run does not read (other methods' sections)."""
     flat = json.loads(config.to_json_best_effort())
     added = [name for name, default in _ADDED_WITH_DEFAULT.items() if _field(flat, name) == default]
-    for name in (*_NOT_FINGERPRINTED, *leave_out, *added):
-        node = flat
-        *parents, leaf = name.split(".")
-        for parent in parents:
-            node = node.get(parent, {})
-        node.pop(leaf, None)
+    kept = [name for name in leave_out if name not in _SECTIONS_OF_RENAMED]
+    for name in (*_NOT_FINGERPRINTED, *kept, *added):
+        _pop(flat, name)
+    for old, new in RENAMED_FIELDS.items():
+        value = _pop(flat, new)
+        if value is not _ABSENT:
+            section, _, leaf = old.rpartition(".")
+            flat.setdefault(section, {})[leaf] = value
+        new_section = new.rpartition(".")[0]
+        if flat.get(new_section) == {}:
+            del flat[new_section]
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_ABSENT = object()
+
+
+def _pop(flat: dict, name: str) -> Any:
+    """Remove the dotted field `name` from the nested dict `flat`; its value, or _ABSENT."""
+    node = flat
+    *parents, leaf = name.split(".")
+    for parent in parents:
+        node = node.get(parent, {})
+    return node.pop(leaf, _ABSENT)
 
 
 def _field(flat: dict, name: str) -> Any:

@@ -27,18 +27,36 @@ def fail(message: Any) -> int:
     return 2
 
 
+def renamed_overrides(argv: Sequence[str]) -> list[str]:
+    """`argv` with every `--config.<field>` override of a renamed field (kif_jax.config.RENAMED_FIELDS) given its
+    new name, and a one-line notice on stderr for each. Applied before the config flag is defined."""
+    from kif_jax.config import RENAMED_FIELDS, renamed_field_notice
+
+    out = list(argv[:1])
+    for arg in argv[1:]:
+        name, sep, value = arg.partition("=")
+        if name.startswith("--config.") and name[len("--config."):] in RENAMED_FIELDS:
+            old = name[len("--config."):]
+            print(renamed_field_notice(old), file=sys.stderr)
+            arg = f"--config.{RENAMED_FIELDS[old]}{sep}{value}"
+        out.append(arg)
+    return out
+
+
 def unknown_override(argv: Sequence[str]) -> str | None:
     """The message for the first `--config.<field>` the schema lacks (with the nearest field), else None.
 
     Checked before the config flag is defined: ml_collections applies overrides as it loads the file,
     and its own error for a missing field is a traceback.
     """
-    from kif_jax.config import closest_field, known_field
+    from kif_jax.config import RENAMED_FIELDS, closest_field, known_field
 
     for arg in argv[1:]:
         if not arg.startswith("--config."):
             continue
         name = arg[len("--config."):].split("=", 1)[0]
+        if name in RENAMED_FIELDS:  # main.py renames these first (`renamed_overrides`)
+            return f"config field '{name}' in {arg} is now '{RENAMED_FIELDS[name]}': use --config.{RENAMED_FIELDS[name]}"
         if not known_field(name):
             near = closest_field(name)
             return f"unknown config field in {arg}" + (f"; did you mean --config.{near}?" if near else "")
@@ -67,12 +85,14 @@ def parse_command_flags(flag_values: Any, argv: Sequence[str]) -> list[str]:
 
 
 def loaded_config(holder: Any, flag_values: Any) -> ml_collections.ConfigDict:
-    """The parsed config; a file that cannot be loaded, or an override that cannot be applied, raises
-    `CommandError` with one line."""
+    """The parsed config, renamed fields moved to their new names; a file that cannot be loaded, or an override that
+    cannot be applied, raises `CommandError` with one line."""
+    from kif_jax.config import with_renamed_fields
+
     try:
         config = holder.value
         config.keys()  # a file that failed to load raises only on first use
-        return config
+        return with_renamed_fields(config)
     except OSError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         raise CommandError(f"cannot load config file {flag_values['config'].config_filename}: {lines[-1]}") from None

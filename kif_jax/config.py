@@ -14,11 +14,15 @@ import math
 import os
 import pathlib
 import re
+import sys
 from typing import Any
 
 import ml_collections
 
+from kif_jax.comma_lists import split_list
 from kif_jax.errors import ConfigError
+from kif_jax.methods import method_class, sections
+from kif_jax.tasks import run_format
 
 SYNTHETIC_DATA = "synthetic"
 DATA_DIR_ENV = "KIF_DATA_DIR"
@@ -93,7 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.max_target_length = 128  # tokens; longer targets are truncated
     # Budget for CPU-sized runs: train on a seeded random subset of this many examples of each task's
     # training file (0 = all). The memory buffer is still drawn from each earlier task's FULL training
-    # file (kif.memory_ratio of it, as in the paper), so the replay data does not shrink with the budget.
+    # file (memory_buffer.ratio of it, as in the paper), so the replay data does not shrink with the budget.
     c.train.max_examples_per_task = 0
     c.train.reset_at_task_boundary = True  # recreate optimizer and importance states per task (reference)
     c.train.select_best = False  # keep the step with the lowest dev loss (reference: hands on the last)
@@ -104,6 +108,17 @@ def base_config() -> ml_collections.ConfigDict:
     # Recompute each layer's activations in the backward pass (long inputs): "none", "full" (keep only
     # the layer inputs), "dots" or "dots_with_no_batch_dims" (keep matmul outputs; jax.checkpoint_policies)
     c.train.remat = "none"
+
+    # Every method trains in cycles: one jitted program of `cycle.steps` optimizer steps, after which metrics are
+    # logged and a checkpoint may be taken. Recurrent-KIF fuses at the end of each cycle: its Q.
+    c.cycle = ml_collections.ConfigDict()
+    c.cycle.steps = 8  # Q: optimizer steps per cycle (Recurrent-KIF: inner steps per fusion)
+
+    # The memory buffer: examples of the earlier tasks kept for replay, drawn class-balanced from each earlier
+    # task's full training file with `seed` (kif_jax/data/buffer.py). Recurrent-KIF's outer learner and Replay
+    # replay the same examples.
+    c.memory_buffer = ml_collections.ConfigDict()
+    c.memory_buffer.ratio = 0.02  # share of every earlier task's training set kept for replay
 
     _add_method_sections(c)  # kif, o_lora, tasl, ewc, ...: kif_jax/methods/<method>.py
 
@@ -148,10 +163,53 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Fields that moved, old name -> new name. A config file or a --config override may still use the old name: it
+# sets the new field, with a one-line notice on stderr. The checkpoint fingerprint hashes the new fields under
+# the old names (kif_jax/checkpointing.py), so runs made before the move still resume.
+RENAMED_FIELDS: dict[str, str] = {
+    "kif.inner_steps": "cycle.steps",
+    "kif.memory_ratio": "memory_buffer.ratio",
+}
+
+
+def renamed_field_notice(old: str) -> str:
+    """The one-line notice for a use of the renamed field `old`."""
+    return f"warning: config field '{old}' is deprecated; it sets '{RENAMED_FIELDS[old]}' (use that name)"
+
+
+def with_renamed_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config`, or a copy with each renamed field it sets moved to its new name (a notice on stderr for each)."""
+    present = [old for old in RENAMED_FIELDS if _get(config, old) is not _ABSENT]
+    if not present:
+        return config
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        for old in present:
+            print(renamed_field_notice(old), file=sys.stderr)
+            section, _, leaf = old.rpartition(".")
+            value = config[section][leaf]
+            del config[section][leaf]
+            new_section, _, new_leaf = RENAMED_FIELDS[old].rpartition(".")
+            if new_section not in config:
+                config[new_section] = ml_collections.ConfigDict()
+            config[new_section][new_leaf] = value
+    return config
+
+
+_ABSENT = object()
+
+
+def _get(config: ml_collections.ConfigDict, name: str) -> Any:
+    node: Any = config
+    for part in name.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
 def _add_method_sections(c: ml_collections.ConfigDict) -> None:
     """Every built-in method's config section, in registry order."""
-    from kif_jax.methods import sections
-
     for section, cls in sections().items():
         c[section] = cls.default_config()
 
@@ -159,8 +217,6 @@ def _add_method_sections(c: ml_collections.ConfigDict) -> None:
 def with_method_sections(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`config`, or a copy with the default section of every method of one's own named in `methods` that
     brings a section the config lacks (built-in sections are always in `base_config`)."""
-    from kif_jax.methods import method_class
-
     missing = {}
     for name in split_list(config.methods):
         cls = method_class(name)
@@ -190,7 +246,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 _POSITIVE_INTS = (
     "train.epochs", "train.batch_size", "train.micro_batch_size", "train.max_input_length",
     "train.max_target_length", "train.select_every_steps", "train.select_dev_examples",
-    "eval.batch_size", "eval.max_new_tokens", "checkpoint.keep", "model.lora.rank",
+    "eval.batch_size", "eval.max_new_tokens", "checkpoint.keep", "model.lora.rank", "cycle.steps",
 )
 
 
@@ -205,19 +261,12 @@ def _flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]
     return out
 
 
-def split_list(value: str) -> list[str]:
-    """A comma-separated config string as a list, blanks dropped."""
-    return [part.strip() for part in str(value).split(",") if part.strip()]
-
-
 def _schema(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The fields a config may have: `base_config()` and the sections of its methods of one's own."""
     schema = base_config()
     for name in split_list(config.methods) if isinstance(config.get("methods"), str) else ():
         try:
-            from kif_jax.methods import method_class
-
-            cls = method_class(name)
+                    cls = method_class(name)
         except ConfigError:
             continue  # reported with the other method checks below
         if cls.section and cls.section not in schema and cls.default_config() is not None:
@@ -227,8 +276,6 @@ def _schema(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Check fields, types and ranges; raise ConfigError naming the first bad field."""
-    from kif_jax.methods import method_class, sections
-
     known = _flatten(_schema(config))
     given = _flatten(config)
     for name in given:
@@ -256,6 +303,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     classes = [method_class(name) for name in methods]  # an unknown name is one line
     if len({cls.name for cls in classes}) != len(classes):
         raise ConfigError("config field 'methods' names a method twice")
+    if not 0.0 < config.memory_buffer.ratio <= 1.0:
+        raise ConfigError(f"config field 'memory_buffer.ratio' must lie in (0, 1], got {config.memory_buffer.ratio}")
     for name in ("train.lr", "model.lora.alpha"):
         if not (math.isfinite(given[name]) and given[name] > 0):
             raise ConfigError(f"config field '{name}' must be a positive number, got {given[name]}")
@@ -296,8 +345,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.eval.schedule == "diagonal" and config.eval.all_tasks:
         raise ConfigError("config field 'eval.schedule' is 'diagonal' (after each task only that task) but "
                           "eval.all_tasks asks for every task after every task; set one of them")
-    from kif_jax.tasks import run_format
-
     fmt = run_format(config)  # an unknown format is one line
     if config.eval.mode == "score" and not fmt.has_options:
         raise ConfigError(f"config field 'eval.mode' is 'score' (rank the label options), but task format "
@@ -307,8 +354,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def field_docs() -> dict[str, str]:
     """Each config field's one-line doc: the comment on its line in `base_config` (or in its method
     section's `default_config`), else the comment above it."""
-    from kif_jax.methods import sections
-
     docs = _source_docs(base_config, "")
     for section, cls in sections().items():
         docs.update(_source_docs(cls.default_config, section + "."))

@@ -28,7 +28,8 @@ def test_one_registry_lists_every_method_and_section():
     for section, cls in sections().items():  # each method module owns its section's defaults and docs
         assert config[section].to_dict() == cls.default_config().to_dict()
     docs = field_docs()
-    assert docs["kif.inner_steps"] == "Q: inner optimizer steps per fusion cycle"
+    assert docs["cycle.steps"] == "Q: optimizer steps per cycle (Recurrent-KIF: inner steps per fusion)"
+    assert docs["memory_buffer.ratio"] == "share of every earlier task's training set kept for replay"
     assert docs["migu.threshold"].startswith("A feature keeps its gradient when its output magnitude")
     assert all(method_class(name).name == name for name in BUILTIN)
     # The report orders method directories by the registry.
@@ -60,8 +61,9 @@ def test_the_training_loop_names_no_method():
 
 
 def test_a_methods_checkpoints_ignore_the_other_methods_sections():
-    """Changing EWC's lambda keeps SeqLoRA's and Recurrent-KIF's finished runs; the kif section (Q, the memory
-    buffer) is every method's; `methods` itself is never fingerprinted."""
+    """Changing EWC's lambda keeps SeqLoRA's and Recurrent-KIF's finished runs; Q and the memory buffer are every
+    method's; `methods` itself is never fingerprinted. The kif section stays in every method's fingerprint: it held
+    Q and the buffer when the checkpoints of earlier runs were written (tests/test_renamed_fields.py)."""
     config = tiny_config.get_config()
     config.methods = "seq_lora,recurrent_kif,ewc"
 
@@ -69,18 +71,20 @@ def test_a_methods_checkpoints_ignore_the_other_methods_sections():
         return {n: config_fingerprint(c, unrelated_sections(c, method_class(n))) for n in ("seq_lora", "recurrent_kif",
                                                                                           "ewc")}
 
-    assert unrelated_sections(config, method_class("seq_lora")) == ["ewc", "migu", "o_lora", "tasl"]
-    assert unrelated_sections(config, method_class("ewc")) == ["migu", "o_lora", "tasl"]
+    assert unrelated_sections(config, method_class("seq_lora")) == ["ewc", "kif", "migu", "o_lora", "tasl"]
+    assert unrelated_sections(config, method_class("ewc")) == ["kif", "migu", "o_lora", "tasl"]
     before = fingerprints(config)
-    assert before["seq_lora"] == before["recurrent_kif"] != before["ewc"]  # both read the kif section, no other
+    assert before["seq_lora"] == before["recurrent_kif"] != before["ewc"]
     other = copy.deepcopy(config)
     other.ewc.lambda_ *= 2
     after = fingerprints(other)
     assert after["seq_lora"] == before["seq_lora"] and after["recurrent_kif"] == before["recurrent_kif"]
     assert after["ewc"] != before["ewc"]
-    other = copy.deepcopy(config)
-    other.kif.inner_steps += 1
-    assert all(a != b for a, b in zip(fingerprints(other).values(), before.values()))
+    for field, value in (("cycle.steps", 4), ("memory_buffer.ratio", 0.5), ("kif.quantile", 0.7)):
+        other = copy.deepcopy(config)
+        section, leaf = field.split(".")
+        other[section][leaf] = value
+        assert all(a != b for a, b in zip(fingerprints(other).values(), before.values())), field
     other = copy.deepcopy(config)
     other.methods = "seq_lora"
     assert fingerprints(other) == before

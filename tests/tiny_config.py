@@ -27,10 +27,10 @@ def get_config():
     c.train.warmup_steps = 1
     c.train.max_input_length = 64
     c.train.max_target_length = 8
-    c.kif.inner_steps = 2
+    c.cycle.steps = 2
     c.kif.outer_steps = 1
     c.kif.outer_batch_size = 8
-    c.kif.memory_ratio = 0.25
+    c.memory_buffer.ratio = 0.25
     c.kif.static_batches = 2
     c.eval.batch_size = 16
     c.eval.max_new_tokens = 3

@@ -19,7 +19,6 @@ from kif_jax.data.batching import (
     stack_batches,
 )
 from kif_jax.data.benchmark import (
-    BENCHMARK_FORMATS,
     BENCHMARK_ORDERS,
     BENCHMARKS,
     ORDERS,
@@ -27,7 +26,6 @@ from kif_jax.data.benchmark import (
     SUPERNI_ORDERS,
     SPLITS,
     TASKS,
-    benchmark_format,
     load_split,
     resolve_tasks,
     split_labels,
@@ -39,7 +37,7 @@ from kif_jax.data.buffer import memory_buffer
 from kif_jax.data.synthetic import SYNTHETIC_TASKS, make_task, write_synthetic_benchmark
 
 __all__ = [
-    "BENCHMARK_FORMATS", "BENCHMARK_ORDERS", "SUPERNI_GEN5_ORDERS", "SUPERNI_ORDERS", "benchmark_format",
+    "BENCHMARK_ORDERS", "SUPERNI_GEN5_ORDERS", "SUPERNI_ORDERS",
     "BENCHMARKS", "IGNORE_INDEX", "ORDERS", "SPLITS", "SYNTHETIC_TASKS", "TASKS", "BatchIterator",
     "TokenizedDataset", "collate", "eval_batches", "load_split", "make_task", "memory_buffer",
     "pad_batch", "power_of_two_buckets", "resolve_tasks", "sample_batch", "split_labels", "split_path",

@@ -21,6 +21,7 @@ import re
 from typing import Any, Iterator, Sequence
 
 from kif_jax.errors import DataError
+from kif_jax.tasks import get_format
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 FIELDS: tuple[str, ...] = ("id", "input", "output")
@@ -74,8 +75,6 @@ BENCHMARK_ORDERS: dict[str, dict[int, tuple[str, ...]]] = {
     "superni": SUPERNI_ORDERS,
     "superni_gen5": SUPERNI_GEN5_ORDERS,
 }
-# The task format of each benchmark's files (kif_jax/tasks/); a benchmark not named here is classification.
-BENCHMARK_FORMATS: dict[str, str] = {"superni": "generation", "superni_gen5": "generation"}
 TASKS: tuple[str, ...] = tuple(sorted(ORDERS[1]))
 
 _OPTION_RE = re.compile(r"Option:([^\n]*)")
@@ -120,11 +119,6 @@ def resolve_tasks(
     if benchmark is not None:
         return list(next(iter(BENCHMARK_ORDERS[benchmark].values())))
     raise DataError("no tasks given: set a benchmark, an order or a comma-separated task list")
-
-
-def benchmark_format(benchmark: str | None) -> str:
-    """The task format (kif_jax/tasks/) a benchmark's files are in: classification unless BENCHMARK_FORMATS says."""
-    return BENCHMARK_FORMATS.get(benchmark or "", "classification")
 
 
 def split_path(data_dir: str | os.PathLike, task: str, split: str) -> pathlib.Path:
@@ -201,8 +195,6 @@ def _check_dir(data_dir: str | os.PathLike) -> None:
 
 def _load(data_dir: str | os.PathLike, task: str, split: str,
           task_format: Any = None) -> tuple[tuple[dict, ...], tuple[str, ...]]:
-    from kif_jax.tasks import get_format
-
     fmt = get_format(task_format)
     _check_task_name(task)
     path = split_path(data_dir, task, split)

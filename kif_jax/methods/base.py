@@ -7,7 +7,7 @@ A method has two halves:
   state (`TrainState.method`, a pytree that is checkpointed, sharded and counted by the memory plan with
   the rest), the program of each cycle, its task-start and task-end work, and the statistics it logs.
 - `Program` (traced side, a frozen dataclass): one jitted training program. `inner_steps` optimizer
-  steps on the current task's batches, plus whatever the method changes in a step (the parameters the
+  steps on the current task's batches (a cycle: `cycle.steps` of them, fewer at a task's end), plus whatever the method changes in a step (the parameters the
   model sees, a loss term, the gradient, the update, state updated after the update) or adds to the
   cycle (Recurrent-KIF's outer learner and fusion). Programs are static under `jax.jit`: equal programs
   share one compiled XLA program, whichever method made them.
@@ -128,9 +128,9 @@ class Method:
     name: ClassVar[str] = ""
     #: The config section this method reads its settings from (variants of one method share it), or None.
     section: ClassVar[str | None] = None
-    #: Other methods' sections this one reads too: every method cycles at Recurrent-KIF's Q (`kif.inner_steps`),
-    #: and Replay's buffer is the outer learner's (`kif.memory_ratio`). Its checkpoints ignore all other sections.
-    shared_sections: ClassVar[tuple[str, ...]] = ("kif",)
+    #: Other methods' sections this one reads too. Its checkpoints ignore all other methods' sections; the sections
+    #: of no method (`cycle`, `memory_buffer`, `train`, ...) are every method's.
+    shared_sections: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: ml_collections.ConfigDict) -> None:
         self.config = config
@@ -160,8 +160,8 @@ class Method:
 
     def steps_per_program(self) -> int:
         """Optimizer steps per jitted program, which is also how often metrics are logged and a
-        checkpoint can be taken. Recurrent-KIF's Q for every method, so all log at the same granularity."""
-        return int(self.config.kif.inner_steps)
+        checkpoint can be taken: `cycle.steps` for every method, so all log at the same granularity."""
+        return int(self.config.cycle.steps)
 
     # --- state --------------------------------------------------------------------------------
     def task_params(self, phase: int, params: Any, init_params: Any) -> Any:

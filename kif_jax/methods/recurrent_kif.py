@@ -30,11 +30,11 @@ from flax import struct
 
 import kif_jax
 from kif_jax import sharding
+from kif_jax.core.fusion_stats import fusion_record, fusion_stats, leaf_layout
 from kif_jax.data.batching import sample_batch
 from kif_jax.errors import ConfigError
 from kif_jax.methods.base import (INNER_STREAM, OUTER_STREAM, STATIC_STREAM, Learner, Method, Program, all_finite,
                                   where_tree)
-from kif_jax.report.fusion_stats import fusion_record, fusion_stats, leaf_layout
 
 F32 = jnp.float32
 STATIC_IMPORTANCE_STREAM = 2**31 - 1  # numpy seed word for the -DIE estimate's memory batches
@@ -43,7 +43,7 @@ STATIC_IMPORTANCE_STREAM = 2**31 - 1  # numpy seed word for the -DIE estimate's 
 def kif_config() -> ml_collections.ConfigDict:
     """The `kif` section: the reference code's defaults (the authors' T5 scripts; docs/algorithm.md)."""
     c = ml_collections.ConfigDict()
-    c.inner_steps = 8  # Q: inner optimizer steps per fusion cycle
+    # Q, the inner steps per fusion, is `cycle.steps`; the buffer the outer steps replay is `memory_buffer`'s.
     c.outer_steps = 4  # M: outer (memory replay) steps per cycle
     c.outer_batch_size = 8  # examples per outer step
     c.quantile = 0.8  # scores above this quantile are "important" (the top 20%)
@@ -69,7 +69,6 @@ def kif_config() -> ml_collections.ConfigDict:
     c.reset_outer = False  # clear outer importance after every fusion (reference keeps it)
     c.outer_optimizer = "shared"  # "shared": inner AdamW state and lr (reference); "separate"
     c.outer_lr = 1e-3  # learning rate of the separate outer AdamW
-    c.memory_ratio = 0.02  # memory buffer: this fraction of every earlier task's training set
     c.fuse_partial_cycle = False  # also fuse the steps left after the last multiple of Q
     c.static_batches = 16  # static_importance: memory batches used for the one-off estimate
     return c
@@ -85,7 +84,7 @@ _CHOICES = {
     "importance_grads": ("raw", "clipped"),
     "outer_optimizer": ("shared", "separate"),
 }
-_POSITIVE_INTS = ("inner_steps", "outer_steps", "outer_batch_size", "static_batches")
+_POSITIVE_INTS = ("outer_steps", "outer_batch_size", "static_batches")
 
 
 def validate_kif_section(config: ml_collections.ConfigDict) -> None:
@@ -102,8 +101,6 @@ def validate_kif_section(config: ml_collections.ConfigDict) -> None:
     for name in ("beta1", "beta2"):
         if not 0.0 <= k[name] < 1.0:
             raise ConfigError(f"config field 'kif.{name}' must lie in [0, 1), got {k[name]}")
-    if not 0.0 < k.memory_ratio <= 1.0:
-        raise ConfigError(f"config field 'kif.memory_ratio' must lie in (0, 1], got {k.memory_ratio}")
     for name in ("outer_lr", "outer_loss_scale"):
         if not (math.isfinite(k[name]) and k[name] > 0):
             raise ConfigError(f"config field 'kif.{name}' must be a positive number, got {k[name]}")
@@ -346,7 +343,7 @@ class GlobalMergeFusion:
 
 
 def fusion_records(task: Any, stats: dict, step: int, *, first: bool) -> list[dict]:
-    """A "fusion_stats" record (kif_jax/report/fusion_stats.py); a task's first follows a "fusion_leaves" one."""
+    """A "fusion_stats" record (kif_jax/core/fusion_stats.py); a task's first follows a "fusion_leaves" one."""
     head = task.head()
     records = [{"event": "fusion_leaves", **head, **leaf_layout(task.init_params)}] if first else []
     records.append({"event": "fusion_stats", **head, "task": ",".join(task.phases[task.phase]), "step": step,
@@ -383,7 +380,7 @@ class RecurrentKIF(Method):
 
     def memory(self, task: Any) -> Any:
         """The tokenized memory buffer of the tasks before this one."""
-        return task.data.memory(task.earlier_tasks, ratio=self.config.kif.memory_ratio)
+        return task.data.memory(task.earlier_tasks, ratio=self.config.memory_buffer.ratio)
 
     # --- state --------------------------------------------------------------------------------
     def init_state(self, phase: int, params: Any, *, tx: Any) -> KifState:
@@ -418,7 +415,7 @@ class RecurrentKIF(Method):
     # --- programs and hooks -------------------------------------------------------------------
     def cycle(self, task: Any, step: int, steps: int) -> tuple[Program, list[dict]]:
         c = self.config
-        if task.phase == 0 or (steps < c.kif.inner_steps and not c.kif.fuse_partial_cycle):
+        if task.phase == 0 or (steps < c.cycle.steps and not c.kif.fuse_partial_cycle):
             return Program(inner_steps=steps), []  # SeqLoRA steps, no importance, no fusion
         rng = np.random.default_rng([c.seed, task.phase, step])
         memory = self.memory(task)
@@ -438,7 +435,7 @@ class RecurrentKIF(Method):
     def on_task_end(self, task: Any, state: Any) -> Any:
         if not self.merge_at_task_end or task.phase == 0:
             return state
-        state, stats = task.run(GlobalMergeFusion(self.cycle_program(self.config.kif.inner_steps)), state)
+        state, stats = task.run(GlobalMergeFusion(self.cycle_program(self.config.cycle.steps)), state)
         fusion = stats.pop("fusion", None)
         task.write({"event": "global_merge", **task.head(), **stats})
         if fusion is not None:

@@ -12,7 +12,7 @@ from typing import Iterable
 import ml_collections
 
 from kif_jax.class_registry import ClassRegistry
-from kif_jax.config import split_list
+from kif_jax.comma_lists import split_list
 from kif_jax.errors import ConfigError
 from kif_jax.methods.base import Method
 

@@ -1,8 +1,8 @@
 """Replay: SeqLoRA with the memory buffer added to each later task's training set.
 
-The buffer is the one Recurrent-KIF's outer learner replays: `kif.memory_ratio` (2%) of every earlier
-task's full training file, class-balanced, seeded by `config.seed` (`kif_jax.data.memory_buffer`); it is
-read from the `kif` section so both methods replay exactly the same examples.
+The buffer is the `memory_buffer` section's, the one Recurrent-KIF's outer learner replays: `ratio` (2%) of
+every earlier task's full training file, class-balanced, seeded by `config.seed` (`kif_jax.data.memory_buffer`),
+so both methods replay exactly the same examples.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class Replay(Method):
         if phase == 0:
             return data.train_set(tasks)
         earlier = [t for p in phases[:phase] for t in p]
-        ratio = self.config.kif.memory_ratio
+        ratio = self.config.memory_buffer.ratio
         return data.tokenized(("replay", tuple(tasks), tuple(earlier)), lambda: [
             r for t in tasks for r in data.train_records(t)] + data.memory_records(earlier, ratio=ratio))
 

@@ -13,11 +13,11 @@ ablations with masks), analogues of the paper's Figure 5:
 The training loop calls it at the end of `train_and_evaluate`; `python -m kif_jax.report <workdir>`
 rebuilds it from the files (a missing or corrupt file: one line on stderr, exit code 2).
 
-Modules: `fusion_stats` (the statistics computed inside the jitted cycle at every fusion, and their
-metrics.jsonl records), `runs` (reading a finished run), `plots` (the figures), `markdown` (report.md
-and the command).
+Modules: `runs` (reading a finished run), `plots` (the figures), `markdown` (report.md and the command).
+The statistics behind the figures are computed inside the jitted cycle at every fusion by
+kif_jax/core/fusion_stats.py, re-exported here.
 """
-from kif_jax.report.fusion_stats import HIST_EDGES, fusion_record, fusion_stats, leaf_layout
+from kif_jax.core.fusion_stats import HIST_EDGES, fusion_record, fusion_stats, leaf_layout
 from kif_jax.report.markdown import build_report, main, write_report
 from kif_jax.report.plots import (describe_leaf, plot_accuracy_along_sequence, plot_accuracy_matrices,
                                   plot_importance_by_layer, plot_importance_by_module, plot_magnitude_ratio,

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from kif_jax.report.fusion_stats import HIST_EDGES
+from kif_jax.core.fusion_stats import HIST_EDGES
 from kif_jax.report.runs import MethodData
 
 _LEARNERS = ("in", "out")

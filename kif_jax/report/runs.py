@@ -9,6 +9,7 @@ import numpy as np
 
 from kif_jax import metrics
 from kif_jax.errors import DataError
+from kif_jax.methods import names
 
 REPORT_DIR = "report"
 
@@ -43,8 +44,6 @@ class MethodData:
 
 def _method_order(name: str) -> tuple[int, str]:
     """Registry order (kif_jax/methods/registry.py), then unknown directories by name."""
-    from kif_jax.methods import names
-
     known = names()
     return (known.index(name) if name in known else len(known), name)
 

@@ -9,6 +9,8 @@
 `TaskFormat` subclass, named as `module:Class`.
 """
 from kif_jax.tasks.base import TaskFormat
-from kif_jax.tasks.registry import builtin_names, format_class, get_format, names, register, run_format
+from kif_jax.tasks.registry import (BENCHMARK_FORMATS, benchmark_format, builtin_names, format_class, get_format, names,
+                                    register, run_format)
 
-__all__ = ["TaskFormat", "builtin_names", "format_class", "get_format", "names", "register", "run_format"]
+__all__ = ["BENCHMARK_FORMATS", "TaskFormat", "benchmark_format", "builtin_names", "format_class", "get_format", "names",
+           "register", "run_format"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import pathlib
 from typing import Any, Sequence
 
+from kif_jax.data.benchmark import read_classification, record_options
+from kif_jax.metrics import normalize_answer
 from kif_jax.tasks.base import TaskFormat
 
 
@@ -21,18 +23,12 @@ class Classification(TaskFormat):
     has_options = True
 
     def read(self, path: pathlib.Path, task: str) -> list[dict]:
-        from kif_jax.data.benchmark import read_classification
-
         return read_classification(path, task)
 
     def labels(self, records: Sequence[dict]) -> list[str] | None:
-        from kif_jax.data.benchmark import record_options
-
         return list(record_options(records[0])) if records else []
 
     def score(self, prediction: str, record: dict) -> dict[str, Any]:
-        from kif_jax.metrics import normalize_answer
-
         correct = normalize_answer(prediction) == normalize_answer(record["output"])
         return {"correct": correct, "score": float(correct)}
 

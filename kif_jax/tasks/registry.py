@@ -18,6 +18,8 @@ BUILTIN_MODULES = (
     "kif_jax.tasks.generation",
 )
 DEFAULT = "classification"  # the format of a run whose benchmark names none (the CL benchmark, synthetic tasks)
+# The format of each benchmark's files (kif_jax/data/benchmark.py names the benchmarks); others are DEFAULT's.
+BENCHMARK_FORMATS: dict[str, str] = {"superni": "generation", "superni_gen5": "generation"}
 
 _FORMATS = ClassRegistry(TaskFormat, kind="task format", field="task_format", public="kif_jax.tasks.TaskFormat",
                          builtin_modules=BUILTIN_MODULES, attr="FORMATS")
@@ -41,10 +43,12 @@ def get_format(spec: str | TaskFormat | type[TaskFormat] | None = None) -> TaskF
     return _INSTANCES[cls]
 
 
-def run_format(config: Any) -> TaskFormat:
-    """The format of a run: `config.task_format`, else its benchmark's (kif_jax/data/benchmark.py), else
-    classification."""
-    from kif_jax.data.benchmark import benchmark_format
+def benchmark_format(benchmark: str | None) -> str:
+    """The task format a benchmark's files are in: DEFAULT unless BENCHMARK_FORMATS says."""
+    return BENCHMARK_FORMATS.get(benchmark or "", DEFAULT)
 
+
+def run_format(config: Any) -> TaskFormat:
+    """The format of a run: `config.task_format`, else its benchmark's (`BENCHMARK_FORMATS`), else classification."""
     name = config.get("task_format", "") or benchmark_format(config.benchmark or None)
     return get_format(name)

@@ -29,7 +29,7 @@ from kif_jax import data as kdata
 from kif_jax import metrics
 from kif_jax.checkpointing import RunCheckpointer, config_fingerprint
 from kif_jax.config import (SUPERNI_BENCHMARKS, SYNTHETIC_DATA, default_data_dir, split_list, validate_config,
-                            with_method_sections)
+                            with_method_sections, with_renamed_fields)
 from kif_jax.data import synthetic
 from kif_jax.data.batching import BatchIterator, collate
 from kif_jax.distributed import barrier, fetch, is_main
@@ -452,7 +452,7 @@ def method_prefix(config: ml_collections.ConfigDict, method: Method, tasks: list
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, dict]:
     """Run every configured method; returns {method: results.json contents}."""
     workdir = pathlib.Path(workdir)
-    config = with_method_sections(config)
+    config = with_method_sections(with_renamed_fields(config))
     check_run(config)
     # One run per workdir, checked writable before any model loads (process 0 holds the lock).
     with WorkdirLock(workdir) if is_main() else contextlib.nullcontext():
