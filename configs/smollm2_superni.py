@@ -21,10 +21,11 @@ task, configs/t5_large_superni.py):
   - evaluation: all 100 test examples of every task, the same for every method; after each task only on
     that task, and on every task after the last (eval.schedule "diagonal": 9 evaluations instead of 15).
     OP and BWT are exact with it; the score matrix's other entries stay empty.
-  - the learning rate, one for every method, is chosen on held-out training examples of order 1's first
-    task (task1510) by the rule in docs/experiments.md, fixed before that choice: SeqLoRA trains on the
-    other nine tenths of task1510 at 3e-4, 1e-3 and 2e-3 and is scored by ROUGE-L on the held-out tenth
-    (100 examples; `--config.eval.split=dev`). Never on test data.
+  - the learning rate, one for every method, was chosen on held-out training examples of order 1's first
+    task (task1510) by the rule in docs/experiments.md, fixed before that choice: SeqLoRA trained on the
+    other nine tenths of task1510 at 3e-4, 1e-3 and 2e-3, scored by ROUGE-L on the held-out tenth (100
+    examples; `--config.eval.split=dev`), never on test data: 97.4, 99.0 and 99.0; the highest, the
+    smaller rate within 0.5 points: 1e-3, not at an edge (results/superni_lr_select/).
 
     python main.py --config=configs/smollm2_superni.py --workdir=runs/smollm2_superni_o1
     python main.py --config=configs/smollm2_superni.py --workdir=runs/smollm2_superni_o2 --config.order=2
@@ -47,7 +48,7 @@ def get_config():
     c.train.max_examples_per_task = 960  # 120 steps of 8 a task: 15 whole fusion cycles of Q = 8
     c.train.batch_size = 8
     c.train.micro_batch_size = 8
-    c.train.lr = 2e-3  # provisional (the Standard config's): replaced by the choice on task1510's held-out tenth
+    c.train.lr = 1e-3  # chosen on task1510's held-out tenth: ROUGE-L 97.4 at 3e-4, 99.0 at 1e-3, 99.0 at 2e-3
     c.train.warmup_steps = 5
     c.train.max_input_length = 320
     c.train.max_target_length = 40

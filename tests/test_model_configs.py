@@ -147,3 +147,21 @@ def test_smollm2_superni_config_is_what_its_docstring_says():
         else:
             assert inputs.max() < 240, task
     assert longest_reference == 33 <= config.train.max_target_length
+
+
+def test_smollm2_superni_lr_is_the_rules_choice_on_the_committed_records():
+    """docs/experiments.md's rule applied to results/superni_lr_select/: the highest held-out ROUGE-L, the smaller
+    rate within 0.5 points; the winner must not be at an edge of the candidates (else another rate was due)."""
+    import json
+
+    records = REPO / "results" / "superni_lr_select"
+    scores = {}
+    for lr in (3e-4, 1e-3, 2e-3):
+        r = json.loads((records / f"lr_{lr:.0e}".replace("e-0", "e-") / "seq_lora" / "results.json").read_text())
+        assert r["config"]["eval"]["split"] == "dev" and r["config"]["train"]["lr"] == lr
+        scores[lr] = 100 * r["op"]
+    best = max(scores.values())
+    chosen = min(lr for lr, score in scores.items() if score >= best - 0.5)
+    assert chosen not in (min(scores), max(scores))
+    assert [round(scores[lr], 1) for lr in sorted(scores)] == [97.4, 99.0, 99.0]
+    assert _config_file(SMOLLM2_SUPERNI).train.lr == chosen == 1e-3
