@@ -17,14 +17,12 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # kif_jax from this checkout
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from paper_table import difference, pct  # noqa: E402  (the seven-method tables' cells, the same here)
 
 METHODS = ("seq_lora", "replay", "recurrent_kif")
 NAMES = {"seq_lora": "SeqLoRA", "replay": "Replay", "recurrent_kif": "Recurrent-KIF"}
 PAIRS = (("recurrent_kif", "seq_lora"), ("recurrent_kif", "replay"), ("replay", "seq_lora"))
-
-
-def pct(x):
-    return "-" if x is None else f"{100 * x:.1f}"
 
 
 def mean(values):
@@ -63,14 +61,6 @@ def differences(directory: pathlib.Path) -> dict[tuple[str, str], dict[str, dict
             rows = compare.compare(methods, baseline, resamples=10_000)
             out[method, baseline] = {r["metric"]: r for r in rows if r["method"] == method}
     return out
-
-
-def difference(row: dict | None) -> tuple[str, str]:
-    if row is None:
-        return "-", "-"
-    lo, hi = row["ci_low"], row["ci_high"]
-    return (f"{100 * row['estimate']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]",
-            "yes" if lo > 0 or hi < 0 else "no")
 
 
 def verdict(method: str, baseline: str, per_order: list[dict | None]) -> str:
