@@ -55,7 +55,7 @@ def unknown_override(argv: Sequence[str]) -> str | None:
         if not arg.startswith("--config."):
             continue
         name = arg[len("--config."):].split("=", 1)[0]
-        if name in RENAMED_FIELDS:  # main.py renames these first (`renamed_overrides`)
+        if name in RENAMED_FIELDS:  # both commands rename these first (`renamed_overrides`)
             return f"config field '{name}' in {arg} is now '{RENAMED_FIELDS[name]}': use --config.{RENAMED_FIELDS[name]}"
         if not known_field(name):
             near = closest_field(name)
@@ -63,13 +63,17 @@ def unknown_override(argv: Sequence[str]) -> str | None:
     return None
 
 
-def define_config_flag(flag_values: Any, default: str | None) -> Any:
-    """The `--config` flag (a config file; fields overridable as --config.a.b=v) on `flag_values`."""
+def define_config_flag(flag_values: Any, default: str | None, argv: Sequence[str] | None = None) -> Any:
+    """The `--config` flag (a config file; fields overridable as --config.a.b=v) on `flag_values`.
+
+    ml_collections defines a flag for each override it finds in `argv` (default: sys.argv), so a command
+    that parses another argv must pass it here too.
+    """
     from ml_collections import config_flags
 
     return config_flags.DEFINE_config_file(
         "config", default, "Config file (configs/*.py); fields overridable as --config.a.b=v.",
-        flag_values=flag_values, lock_config=True)
+        flag_values=flag_values, lock_config=True, sys_argv=None if argv is None else list(argv))
 
 
 def parse_command_flags(flag_values: Any, argv: Sequence[str]) -> list[str]:
@@ -135,12 +139,12 @@ def memory_plan_main(argv: Sequence[str] | None = None) -> int:
     """
     from absl import flags
 
-    argv = list(sys.argv if argv is None else argv)
+    argv = renamed_overrides(list(sys.argv if argv is None else argv))
     problem = unknown_override(argv)
     if problem:
         return fail(problem)
     fv = flags.FlagValues()
-    holder = define_config_flag(fv, None)
+    holder = define_config_flag(fv, None, argv)
     flags.DEFINE_integer("devices", None, "Number of devices of the mesh to plan for.", flag_values=fv)
     flags.DEFINE_string("method", None, "Method to plan (default: each of the config's `methods`).", flag_values=fv)
     flags.DEFINE_string("workdir", None, "If set, write <workdir>/<method>/memory.json.", flag_values=fv)

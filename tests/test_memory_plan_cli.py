@@ -121,6 +121,7 @@ def test_user_errors_are_one_line_and_exit_2(capsys, args):
     assert main(["memory_plan", f"--config={POD}", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "Unknown command line flag" not in err  # overrides reach the config (not only via sys.argv)
 
 
 def test_module_entry_point():

@@ -111,7 +111,7 @@ def test_old_names_on_the_command_line_set_the_new_fields(capsys):
                                            "--config.memory_buffer.ratio", "0.1", "--config.kif.outer_steps=2"]
     assert len(capsys.readouterr().err.splitlines()) == 2
     assert set(RENAMED_FIELDS) == {"kif.inner_steps", "kif.memory_ratio"}
-    # Commands that do not rename them (the memory plan's) say the new name in one line.
+    # An argv that skipped the renaming gets the new name in one line.
     assert cli.unknown_override(["x", "--config.kif.inner_steps=4"]) == (
         "config field 'kif.inner_steps' in --config.kif.inner_steps=4 is now 'cycle.steps': use --config.cycle.steps")
     printed = subprocess.run([sys.executable, str(REPO / "main.py"), f"--config={REPO / 'tests' / 'tiny_config.py'}",
@@ -137,3 +137,16 @@ def test_the_moved_fields_are_validated(field, value, message):
     with pytest.raises(ConfigError) as err:
         validate_config(config)
     assert str(err.value) == message
+
+
+def test_the_memory_plan_command_takes_the_old_names_too(capsys):
+    """`python -m kif_jax.memory_plan` renames old overrides as main.py does: the same plan, one notice."""
+    config = f"--config={REPO / 'configs' / 'llama2_13b_pod.py'}"
+    base = ["memory_plan", config, "--devices=16", "--method=replay", "--json"]
+    assert cli.memory_plan_main(base + ["--config.memory_buffer.ratio=0.5"]) == 0
+    new = json.loads(capsys.readouterr().out)
+    assert cli.memory_plan_main(base + ["--config.kif.memory_ratio=0.5"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == new
+    assert captured.err.strip().splitlines() == [
+        "warning: config field 'kif.memory_ratio' is deprecated; it sets 'memory_buffer.ratio' (use that name)"]
