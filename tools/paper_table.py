@@ -133,7 +133,8 @@ def main(dirs) -> None:
     for other in (m for m in METHODS if m != KIF):
         print(f"| {NAMES[other]} | {verdict([diffs[o].get(other, {}).get('op') for o in orders])} |")
     for order, rows in per_task.items():
-        print(f"\nOrder {order}, each task's accuracy right after learning it → after the last task (%):\n")
+        print(f"\nOrder {order}, each task's accuracy right after learning it → after the last task "
+              "(%; MTL: after its one joint phase):\n")
         print("\n".join(rows))
 
 
