@@ -15,7 +15,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 # One XLA compilation cache for the session and its subprocesses: the same tiny training programs
 # are built by several tests, and CPU compilation dominates their run time.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="kif_jax_xla_cache_"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # xdist workers inherit the controller's
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="kif_jax_xla_cache_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs",
