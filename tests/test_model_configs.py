@@ -165,3 +165,41 @@ def test_smollm2_superni_lr_is_the_rules_choice_on_the_committed_records():
     assert chosen not in (min(scores), max(scores))
     assert [round(scores[lr], 1) for lr in sorted(scores)] == [97.4, 99.0, 99.0]
     assert _config_file(SMOLLM2_SUPERNI).train.lr == chosen == 1e-3
+
+
+def test_ewc_lambda_is_the_rules_choice_on_the_committed_records():
+    """docs/experiments.md's rule applied to results/ewc_select/: EWC trained dbpedia then amazon once per lambda,
+    scored by the mean dev accuracy of the two tasks after the second; the highest wins, the smaller lambda within
+    0.1 points; a winner at an edge of the lambdas tried needs the next decade tried (1e1 or 1e5, no further). The
+    queue's EWC runs use the chosen lambda, and nothing else differs from the committed Standard budget."""
+    import json
+
+    scores = {}
+    for path in sorted((REPO / "results" / "ewc_select").glob("lam_*/ewc/results.json")):
+        r = json.loads(path.read_text())
+        config = r["config"]
+        assert path.parts[-3] == f"lam_{config['ewc']['lambda_']:.0e}".replace("e+0", "e")
+        assert (config["tasks"], config["eval"]["split"], config["seed"], config["train"]["lr"]) == (
+            "dbpedia,amazon", "dev", 0, 2e-3)
+        assert r["accuracy_matrix"][1][0] is not None and r["accuracy_matrix"][1][1] is not None
+        scores[config["ewc"]["lambda_"]] = 100 * r["op"]
+    tried = sorted(scores)
+    assert {1e2, 1e3, 1e4} <= set(tried) <= {1e1, 1e2, 1e3, 1e4, 1e5}
+    assert tried == [t for t in (1e1, 1e2, 1e3, 1e4, 1e5) if tried[0] <= t <= tried[-1]]
+
+    def rule(lambdas):
+        best = max(scores[lam] for lam in lambdas)
+        return min(lam for lam in lambdas if scores[lam] >= best - 0.1)
+
+    first = rule((1e2, 1e3, 1e4))  # the next decade is tried exactly when the first winner is at an edge
+    assert (1e1 in scores, 1e5 in scores) == (first == 1e2, first == 1e4)
+    chosen = rule(tried)
+    assert chosen not in (tried[0], tried[-1]) or chosen in (1e1, 1e5)
+    assert [round(scores[lam], 2) for lam in tried] == [57.5, 69.75, 66.5]
+    shown = ", ".join(f"{scores[lam]:g}" for lam in tried[:-1]) + f" and {scores[tried[-1]]:g}"
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"it chose {chosen:.0e} (two-task dev OP {shown} at".replace("e+0", "e") in readme
+    queue = {line.split("|")[0]: line.split("|")[3] for line in (REPO / "tools" / "queues" / "seven_methods.txt")
+             .read_text().splitlines() if line and not line.startswith("#")}
+    for name in ("ewc_o4", "ewc_o5"):
+        assert f"--config.methods=ewc --config.ewc.lambda_={chosen:.0e}".replace("e+0", "e") in queue[name]
