@@ -170,8 +170,8 @@ def test_smollm2_superni_lr_is_the_rules_choice_on_the_committed_records():
 def test_ewc_lambda_is_the_rules_choice_on_the_committed_records():
     """docs/experiments.md's rule applied to results/ewc_select/: EWC trained dbpedia then amazon once per lambda,
     scored by the mean dev accuracy of the two tasks after the second; the highest wins, the smaller lambda within
-    0.1 points; a winner at an edge of the lambdas tried needs the next decade tried (1e1 or 1e5, no further). The
-    queue's EWC runs use the chosen lambda, and nothing else differs from the committed Standard budget."""
+    0.1 points; a winner at an edge of the lambdas tried needs the next decade tried (1e1 or 1e5, no further). Each
+    record ran on dev with the Standard config's seed and lr; the queue's EWC runs and the README use the choice."""
     import json
 
     scores = {}
