@@ -278,3 +278,77 @@ def test_a_tiny_superni_run_goes_through_the_same_loop(tmp_path):
     report = (workdir / "report" / "report.md").read_text()
     assert "Final ROUGE-L (%) on each task" in report and "Final exact_match (%) on each task" in report
     assert "test ROUGE-L (%)" in metrics.accuracy_table(R, result["tasks"], method="m", metric="ROUGE-L")
+
+
+def write_scored_run(workdir: pathlib.Path, method: str, tasks: list[str], means: np.ndarray, seed: int) -> dict:
+    """A finished SuperNI run's records as tools/collect_run.py leaves them: predictions.jsonl with per-example
+    ROUGE-L drawn around `means` (row i: after task i) and exact match beside it, and the results.json of them."""
+    rng = np.random.default_rng(seed)
+    n, b = 40, len(tasks)
+    R, em = np.full((b, b), np.nan), np.full((b, b), np.nan)
+    records = []
+    for i in range(b):
+        for j in range(i + 1):
+            scores = np.clip(means[i, j] + rng.normal(0, 0.1, n), 0, 1).round(4)
+            exact = scores > 0.9
+            R[i, j], em[i, j] = scores.mean(), exact.mean()
+            records += [{"after_task": i, "task": tasks[j], "index": k, "id": f"{tasks[j]}-{k}", "label": "ref",
+                         "prediction": "p", "score": float(s), "exact_match": bool(e)}
+                        for k, (s, e) in enumerate(zip(scores, exact))]
+    result = metrics.make_results(method, tasks, R, metric="ROUGE-L", also={"exact_match": em},
+                                  timing={"train_s": 60.0 * (10 + seed), "eval_s": 120.0})
+    (workdir / method).mkdir(parents=True)
+    (workdir / method / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (workdir / method / "results.json").write_text(json.dumps(result))
+    return result
+
+
+def test_superni_table_prints_the_records_figures_and_the_rules_verdicts(tmp_path, capsys):
+    """tools/superni_table.py, which prints the README's SuperNI tables, on hand-made records of two orders: each
+    row holds its run's figures, and the verdicts follow the rule (both orders, interval excluding 0)."""
+    import importlib.util
+
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("superni_table", repo / "tools" / "superni_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    tasks = {"1": ["task1_a", "task2_b"], "2": ["task2_b", "task1_a"]}
+    means = {  # after task 1, after task 2: SeqLoRA forgets, Recurrent-KIF keeps, Replay is beside it in order 2
+        "seq_lora": np.array([[0.8, 0], [0.2, 0.8]]),
+        "replay": {"1": np.array([[0.8, 0], [0.5, 0.8]]), "2": np.array([[0.8, 0], [0.78, 0.8]])},
+        "recurrent_kif": np.array([[0.8, 0], [0.75, 0.8]]),
+    }
+    written = {}
+    for order in ("1", "2"):
+        for seed, method in enumerate(("seq_lora", "replay", "recurrent_kif")):
+            m = means[method][order] if isinstance(means[method], dict) else means[method]
+            written[order, method] = write_scored_run(tmp_path / f"superni_o{order}", method, tasks[order], m,
+                                                      seed + 3 * int(order))
+    table.main([str(tmp_path / "superni_o1"), str(tmp_path / "superni_o2")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "Order 1 (task1_a, task2_b):"
+    for order in ("1", "2"):
+        start = lines.index(next(line for line in lines if line.startswith(f"Order {order} (")))
+        for method, name in table.NAMES.items():
+            r = written[order, method]
+            row = next(line for line in lines[start:] if line.startswith(f"| {name} | "))
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            assert cells[1].split(" [")[0] == f"{100 * r['op']:.1f}" and cells[2] == f"{100 * r['bwt']:.1f}"
+            assert cells[3] == f"{50 * sum(r['learned_accuracy']):.1f}"
+            assert cells[4] == f"{50 * sum(r['also']['exact_match'][-1]):.1f}"
+            assert cells[5] == f"{10 + 3 * int(order) + list(table.NAMES).index(method)} + 2 min"
+            lo, hi = (float(v) for v in cells[1].split(" [")[1].rstrip("]").split(", "))
+            assert lo < 100 * r["op"] < hi
+        per_task = lines.index(f"Order {order}, each task's ROUGE-L right after learning it → after the last task (%):")
+        kif = written[order, "recurrent_kif"]
+        assert f"| Recurrent-KIF | " + " | ".join(f"{100 * a:.1f} → {100 * b:.1f}" for a, b in zip(
+            kif["learned_accuracy"], kif["final_accuracy"])) + " |" in lines[per_task:]
+    diff = next(line for line in lines if line.startswith("| Recurrent-KIF - SeqLoRA | 1 | "))
+    op = float(diff.split("|")[3].split(" [")[0])
+    assert op == pytest.approx(100 * (written["1", "recurrent_kif"]["op"] - written["1", "seq_lora"]["op"]), abs=0.051)
+    assert "| Recurrent-KIF vs SeqLoRA | Recurrent-KIF beats SeqLoRA |" in lines
+    assert "| Replay vs SeqLoRA | Replay beats SeqLoRA |" in lines
+    assert "| Recurrent-KIF vs Replay | unresolved |" in lines  # above it in order 1, beside it in order 2
+    table.main([str(tmp_path / "superni_o1")])  # one order: the rule cannot decide yet
+    lines = capsys.readouterr().out.splitlines()
+    assert "| Recurrent-KIF vs SeqLoRA | not finished in every order |" in lines
