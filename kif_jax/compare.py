@@ -243,6 +243,21 @@ def resolved(row: dict) -> bool:
     return row["ci_low"] > 0 or row["ci_high"] < 0
 
 
+def across_orders(rows: Sequence[dict | None], *, orders: int = 2) -> str:
+    """The decision rule over task orders, on one comparison's rows (one an order, None where unfinished).
+
+    "method" when the interval lies above 0 in every order, "baseline" when below 0 in every order,
+    "unresolved" otherwise, and "unfinished" while fewer than `orders` orders have a row.
+    """
+    if len(rows) < orders or any(row is None for row in rows):
+        return "unfinished"
+    if all(row["ci_low"] > 0 for row in rows):
+        return "method"
+    if all(row["ci_high"] < 0 for row in rows):
+        return "baseline"
+    return "unresolved"
+
+
 def intervals_markdown(rows: Sequence[dict]) -> str:
     """Each method's metrics (points) with their 95% intervals."""
     lines = ["| method | metric | estimate (points) | 95% interval |", "|---|---|---:|---|"]

@@ -166,3 +166,17 @@ def test_intervals_of_each_method_beside_the_paired_ones(tmp_path):
     alone = tmp_path / "alone"
     write_method(alone, "seq_lora", as_bool(BASE))  # a method's intervals do not depend on the others in its run
     assert compare.write_intervals(alone, resamples=300)[1] == [r for r in rows if r["method"] == "seq_lora"]
+
+
+def test_the_rule_across_orders_needs_every_order_on_one_side_of_zero():
+    above, below, across = ({"ci_low": 0.01, "ci_high": 0.05}, {"ci_low": -0.05, "ci_high": -0.01},
+                            {"ci_low": -0.01, "ci_high": 0.05})
+    assert compare.across_orders([above, above]) == "method"
+    assert compare.across_orders([below, below]) == "baseline"
+    assert compare.across_orders([above, below]) == "unresolved"  # opposite sides: no verdict
+    assert compare.across_orders([above, across]) == "unresolved"
+    assert compare.across_orders([above]) == "unfinished"  # one order of two
+    assert compare.across_orders([above, None]) == "unfinished"
+    assert compare.across_orders([above, above, below], orders=3) == "unresolved"
+    # An interval touching 0 does not exclude it.
+    assert compare.across_orders([above, {"ci_low": 0.0, "ci_high": 0.04}]) == "unresolved"

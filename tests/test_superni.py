@@ -341,7 +341,7 @@ def test_superni_table_prints_the_records_figures_and_the_rules_verdicts(tmp_pat
             assert lo < 100 * r["op"] < hi
         per_task = lines.index(f"Order {order}, each task's ROUGE-L right after learning it → after the last task (%):")
         kif = written[order, "recurrent_kif"]
-        assert f"| Recurrent-KIF | " + " | ".join(f"{100 * a:.1f} → {100 * b:.1f}" for a, b in zip(
+        assert "| Recurrent-KIF | " + " | ".join(f"{100 * a:.1f} → {100 * b:.1f}" for a, b in zip(
             kif["learned_accuracy"], kif["final_accuracy"])) + " |" in lines[per_task:]
     diff = next(line for line in lines if line.startswith("| Recurrent-KIF - SeqLoRA | 1 | "))
     op = float(diff.split("|")[3].split(" [")[0])

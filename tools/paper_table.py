@@ -91,14 +91,11 @@ def difference(row: dict | None) -> tuple[str, str]:
 
 
 def verdict(per_order: list[dict | None]) -> str:
-    """The committed rule on the OP rows of each order: it needs both orders, 4 and 5."""
-    if len(per_order) < 2 or any(row is None for row in per_order):
-        return "not finished in every order"
-    if all(row["ci_low"] > 0 for row in per_order):
-        return "Recurrent-KIF beats it"
-    if all(row["ci_high"] < 0 for row in per_order):
-        return "it beats Recurrent-KIF"
-    return "unresolved"
+    """The committed rule (kif_jax.compare.across_orders) on the OP rows of orders 4 and 5."""
+    from kif_jax import compare
+
+    return {"unfinished": "not finished in every order", "method": "Recurrent-KIF beats it",
+            "baseline": "it beats Recurrent-KIF", "unresolved": "unresolved"}[compare.across_orders(per_order)]
 
 
 def main(dirs) -> None:

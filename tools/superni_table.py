@@ -64,14 +64,12 @@ def differences(directory: pathlib.Path) -> dict[tuple[str, str], dict[str, dict
 
 
 def verdict(method: str, baseline: str, per_order: list[dict | None]) -> str:
-    """The committed rule on the OP rows of each order: it needs both of SAPT's orders."""
-    if len(per_order) < 2 or any(row is None for row in per_order):
-        return "not finished in every order"
-    if all(row["ci_low"] > 0 for row in per_order):
-        return f"{NAMES[method]} beats {NAMES[baseline]}"
-    if all(row["ci_high"] < 0 for row in per_order):
-        return f"{NAMES[baseline]} beats {NAMES[method]}"
-    return "unresolved"
+    """The committed rule (kif_jax.compare.across_orders) on the OP rows of SAPT's two orders."""
+    from kif_jax import compare
+
+    return {"unfinished": "not finished in every order", "method": f"{NAMES[method]} beats {NAMES[baseline]}",
+            "baseline": f"{NAMES[baseline]} beats {NAMES[method]}",
+            "unresolved": "unresolved"}[compare.across_orders(per_order)]
 
 
 def per_task_rows(directory: pathlib.Path, tasks: list[str]) -> list[str]:
