@@ -9,8 +9,10 @@ paper's T5-large figures beside it (Standard benchmark, mean of three orders); a
 in the directory is listed as such. Then Recurrent-KIF's paired OP and BWT differences from every other
 finished method, with 95% intervals (kif_jax.compare: test examples resampled within each task, 10,000
 resamples, seed 0), and the verdict of the committed rule: a method beats another when the interval of the OP
-difference excludes 0, on the same side, in both orders. Last, per order, every finished method's score on each
-task right after learning it and after the last task (what it keeps and what it loses).
+difference excludes 0, on the same side, in both orders. The same rule between every two sequential baselines
+(MTL aside), beside the paper's difference where it reports both: where the ordering matches the paper's.
+Last, per order, every finished method's score on each task right after learning it and after the last task
+(what it keeps and what it loses).
 """
 import json
 import pathlib
@@ -67,18 +69,16 @@ def per_task_rows(directory: pathlib.Path, tasks: list[str]) -> list[str]:
     return rows
 
 
-def kif_differences(directory: pathlib.Path) -> dict[str, dict[str, dict]]:
-    """{other method: {"op"/"bwt": Recurrent-KIF minus it, with its interval}} over the finished methods."""
+def differences(directory: pathlib.Path) -> dict[tuple[str, str], dict[str, dict]]:
+    """{(method, other): {"op"/"bwt": method minus other, with its interval}} over every pair of finished methods."""
     from kif_jax import compare
 
     methods = compare.load_workdir(directory, minimum=1)
-    names = [m.name for m in methods]
-    if KIF not in names:
-        return {}
     out = {}
-    for other in (m for m in METHODS if m in names and m != KIF):
-        rows = compare.compare(methods, other, resamples=10_000)
-        out[other] = {r["metric"]: r for r in rows if r["method"] == KIF and r["metric"] in ("op", "bwt")}
+    for other in (m.name for m in methods):
+        for r in compare.compare(methods, other, resamples=10_000):
+            if r["metric"] in ("op", "bwt"):
+                out.setdefault((r["method"], other), {})[r["metric"]] = r
     return out
 
 
@@ -98,14 +98,40 @@ def verdict(per_order: list[dict | None]) -> str:
             "baseline": "it beats Recurrent-KIF", "unresolved": "unresolved"}[compare.across_orders(per_order)]
 
 
+def print_baseline_pairs(diffs: dict[str, dict], ops: dict[str, dict[str, float]]) -> None:
+    """The same rule between every two sequential baselines finished in every order, each pair led by the one with
+    the higher mean OP; the paper's difference where it reports both."""
+    from kif_jax import compare
+
+    orders = list(diffs)
+    baselines = [m for m in METHODS if m not in (KIF, "mtl") and all(m in ops[o] for o in orders)]
+    if len(baselines) < 2:
+        return
+    mean_op = {m: sum(ops[o][m] for o in orders) / len(orders) for m in baselines}
+    ranked = sorted(baselines, key=lambda m: -mean_op[m])
+    print(f"\n| between the baselines | {' | '.join(f'order {o}' for o in orders)} | verdict (OP, both orders) "
+          f"| paper |\n|---{'|---' * len(orders)}|---|---|")
+    for i, first in enumerate(ranked):
+        for second in ranked[i + 1:]:
+            rows = [diffs[o].get((first, second), {}).get("op") for o in orders]
+            cells = " | ".join(difference(r)[0] for r in rows)
+            said = {"unfinished": "not finished in every order", "method": f"{NAMES[first]} beats {NAMES[second]}",
+                    "baseline": f"{NAMES[second]} beats {NAMES[first]}",
+                    "unresolved": "unresolved"}[compare.across_orders(rows)]
+            a, b = PAPER.get(first, (None,))[0], PAPER.get(second, (None,))[0]
+            paper_gap = "-" if a is None or b is None else f"{a - b:+.1f}"
+            print(f"| {NAMES[first]} − {NAMES[second]} | {cells} | {said} | {paper_gap} |")
+
+
 def main(dirs) -> None:
     from kif_jax import compare
 
     dirs = [pathlib.Path(d) for d in dirs]
-    diffs, per_task = {}, {}
+    diffs, per_task, ops = {}, {}, {}
     for d in dirs:
         order = d.name.rsplit("_o", 1)[-1]
         done = finished(d)
+        ops[order] = {m: json.loads((d / m / "results.json").read_text())["op"] for m in done}
         tasks = json.loads((d / done[0] / "results.json").read_text())["tasks"] if done else []
         rows = compare.intervals(compare.load_workdir(d, minimum=1)) if done else []
         intervals = {r["method"]: (r["ci_low"], r["ci_high"]) for r in rows if r["metric"] == "op"}
@@ -115,20 +141,21 @@ def main(dirs) -> None:
         for method in METHODS:
             print(method_row(d, method, intervals))
         print()
-        diffs[order] = kif_differences(d)
+        diffs[order] = differences(d)
         per_task[order] = per_task_rows(d, tasks) if done else []
     orders = list(diffs)
     print("| Recurrent-KIF vs | order | OP difference [95% interval] | resolved | BWT difference [95% interval] "
           "| resolved |\n|---|---|---|---|---|---|")
     for other in (m for m in METHODS if m != KIF):
         for order in orders:
-            if other in diffs[order]:
-                op, op_resolved = difference(diffs[order][other].get("op"))
-                bwt, bwt_resolved = difference(diffs[order][other].get("bwt"))
+            if (KIF, other) in diffs[order]:
+                op, op_resolved = difference(diffs[order][KIF, other].get("op"))
+                bwt, bwt_resolved = difference(diffs[order][KIF, other].get("bwt"))
                 print(f"| {NAMES[other]} | {order} | {op} | {op_resolved} | {bwt} | {bwt_resolved} |")
     print("\n| Recurrent-KIF vs | verdict (OP, both orders) |\n|---|---|")
     for other in (m for m in METHODS if m != KIF):
-        print(f"| {NAMES[other]} | {verdict([diffs[o].get(other, {}).get('op') for o in orders])} |")
+        print(f"| {NAMES[other]} | {verdict([diffs[o].get((KIF, other), {}).get('op') for o in orders])} |")
+    print_baseline_pairs(diffs, ops)
     for order, rows in per_task.items():
         print(f"\nOrder {order}, each task's accuracy right after learning it → after the last task "
               "(%; MTL: after its one joint phase):\n")
