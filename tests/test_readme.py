@@ -149,6 +149,26 @@ def test_paper_tables_are_what_the_committed_runs_give():
     assert lines(printed.getvalue()) and lines(section) == lines(printed.getvalue())
 
 
+def test_superni_tables_are_what_the_committed_runs_give():
+    """The SuperNI section's tables and verdicts are what tools/superni_table.py prints from results/, line for line
+    (rows not yet run read "not finished")."""
+    import importlib.util
+
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("superni_table", repo / "tools" / "superni_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        table.main([str(repo / "results" / f"superni_o{order}") for order in (1, 2)])
+    section = README.split("## Beyond classification: SuperNI", 1)[1].split("\n## ", 1)[0]
+
+    def lines(text):
+        return [line for line in text.splitlines() if line.startswith(("|", "Order "))]
+
+    assert lines(printed.getvalue()) and lines(section) == lines(printed.getvalue())
+
+
 def test_smollm2_orders_agree_on_their_shared_first_tasks():
     """Orders 4 and 5 start with the same two tasks (dbpedia, amazon) and one seed: a method finished in both
     orders has the same training losses and the same predictions there, record for record, though the runs

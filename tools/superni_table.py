@@ -84,13 +84,14 @@ def per_task_rows(directory: pathlib.Path, tasks: list[str]) -> list[str]:
 
 def main(dirs) -> None:
     from kif_jax import compare
+    from kif_jax.data import resolve_tasks
 
     dirs = [pathlib.Path(d) for d in dirs]
     diffs, per_task = {}, {}
     for d in dirs:
         order = d.name.rsplit("_o", 1)[-1]
         done = finished(d)
-        tasks = results(d, done[0])["tasks"] if done else []
+        tasks = results(d, done[0])["tasks"] if done else resolve_tasks(benchmark="superni_gen5", order=int(order))
         rows = compare.intervals(compare.load_workdir(d, minimum=1)) if done else []
         intervals = {r["method"]: (r["ci_low"], r["ci_high"]) for r in rows if r["metric"] == "op"}
         print(f"Order {order} ({', '.join(tasks)}):\n")
@@ -100,7 +101,7 @@ def main(dirs) -> None:
             print(method_row(d, method, intervals))
         print()
         diffs[order] = differences(d) if done else {}
-        per_task[order] = per_task_rows(d, tasks) if done else []
+        per_task[order] = per_task_rows(d, tasks)
     orders = list(diffs)
     print("| difference | order | OP [95% interval] | resolved | BWT [95% interval] | resolved |\n"
           "|---|---|---|---|---|---|")
