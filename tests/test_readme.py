@@ -193,3 +193,31 @@ def test_smollm2_orders_agree_on_their_shared_first_tasks():
         losses, predictions = records(o4, method)
         assert len(losses) >= 2 * 15 and len(predictions) == 3 * 200, method  # 15 cycles a task at least
         assert (losses, predictions) == records(o5, method), method
+
+
+def test_decoding_figures_are_those_of_the_committed_printouts():
+    """The Speed section's decoding and matmul figures are the committed bench printouts', rounded as shown."""
+    bench = pathlib.Path(__file__).resolve().parent.parent / "results" / "bench"
+    speed = README.split("\n## Speed", 1)[1].split("\n## ", 1)[0]
+    text = " ".join(speed.split())  # the README wraps its lines
+    decode = (bench / "decode_2026-12-07_7eb09be.txt").read_text()
+    whole = {side: float(t) for side, t in re.findall(r"^  (kif_jax|torch, 2 threads \(default\)) +([\d.]+) s ",
+                                                          decode, re.M)}
+    phases = {side: (float(p), float(d)) for side, p, d in re.findall(
+        r"^  (kif_jax|torch, 2 threads \(default\)) +prefill +([\d.]+) s; decode +([\d.]+) ms", decode, re.M)}
+    ratio = re.search(r"speed ratio kif_jax / torch, 2 threads \(default\): ([\d.]+)x", decode).group(1)
+    kif, torch = "kif_jax", "torch, 2 threads (default)"
+    assert f"| kif_jax | {whole[kif]:.1f} s (prefill {phases[kif][0]:.1f} s, then {phases[kif][1]:.0f} ms a step)" in text
+    assert (f"| torch, its default 2 threads | {whole[torch]:.1f} s (prefill {phases[torch][0]:.1f} s, then "
+            f"{phases[torch][1]:.0f} ms a step)") in text
+    assert f"**kif_jax decodes at {ratio}x of PyTorch" in text
+    gemm = (bench / "gemm_2026-12-07_6221ffc.txt").read_text()
+    jax_s, eigen_s, torch_s = map(float, re.search(
+        r"prefill +jax: ([\d.]+) s \| jax, Eigen: ([\d.]+) s \| torch: ([\d.]+) s", gemm).groups())
+    assert f"take {jax_s:.1f} s with XLA's kernels and {torch_s:.1f} s with torch's" in text
+    outside = phases[kif][0] - jax_s, phases[torch][0] - torch_s
+    assert f"about {outside[0]:.1f} s of its prefill outside them" in text and f"torch about {outside[1]:.1f} s" in text
+    steps = whole[kif] - phases[kif][0]  # the call less its prefill: the decoding steps
+    assert f"a call would take about {jax_s + steps:.1f} s ({whole[torch] / (jax_s + steps):.2f}x torch's" in text
+    assert f"in {eigen_s:.1f} s, {100 * (1 - eigen_s / jax_s):.0f}% less (a call of about {eigen_s + steps:.1f} s, " \
+           f"{whole[torch] / (eigen_s + steps):.2f}x)" in text
