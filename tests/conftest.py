@@ -50,13 +50,6 @@ SLOW_TESTS = {
 }
 
 
-# The files with the longest tests, longest first (a --durations run): collected first, so that pytest-xdist
-# (`--dist loadfile`, which hands out the first quarter of the files round-robin) does not leave one of them
-# for the end of one worker while the other idles.
-HEAVIEST_FIRST = ("test_readme.py", "test_method_golden.py", "test_train.py", "test_causal_training.py", "test_main.py",
-                  "test_multihost.py", "test_baselines.py", "test_preemption.py", "test_gguf.py", "test_scale_out.py")
-
-
 def _is_slow(item: pytest.Item) -> bool:
     file, name = item.path.name, item.originalname
     if file in SLOW_FILES:
@@ -75,8 +68,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if _is_slow(item):
             item.add_marker(pytest.mark.slow)
-    rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order kept
     if config.getoption("--skip-slow"):
         skip = pytest.mark.skip(reason="--skip-slow given")
         for item in items:
