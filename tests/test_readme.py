@@ -129,44 +129,38 @@ def test_smollm2_table_is_what_the_committed_runs_give():
             assert [row for row in committed if row["baseline"] == baseline] == fresh
 
 
-def test_paper_tables_are_what_the_committed_runs_give():
-    """The seven-method tables (the paper's Table 1 layout), Recurrent-KIF's paired differences and the verdicts
-    are what tools/paper_table.py prints from the committed runs, line for line."""
+def tool_and_section_lines(tool: str, dirs: list[str], section: str) -> tuple[list[str], list[str]]:
+    """The table lines that tools/<tool>.py prints from results/<dirs>, and those of the README's `section`."""
     import importlib.util
 
     repo = pathlib.Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("paper_table", repo / "tools" / "paper_table.py")
+    spec = importlib.util.spec_from_file_location(tool, repo / "tools" / f"{tool}.py")
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        table.main([str(repo / "results" / f"smollm2_o{order}") for order in (4, 5)])
-    section = README.split("### The paper's comparison", 1)[1].split("\n### ", 1)[0]
+        table.main([str(repo / "results" / d) for d in dirs])
 
     def lines(text):
         return [line for line in text.splitlines() if line.startswith(("|", "Order "))]
 
-    assert lines(printed.getvalue()) and lines(section) == lines(printed.getvalue())
+    return lines(printed.getvalue()), lines(section)
+
+
+def test_paper_tables_are_what_the_committed_runs_give():
+    """The seven-method tables (the paper's Table 1 layout), Recurrent-KIF's paired differences and the verdicts
+    are what tools/paper_table.py prints from the committed runs, line for line."""
+    section = README.split("### The paper's comparison", 1)[1].split("\n### ", 1)[0]
+    printed, shown = tool_and_section_lines("paper_table", ["smollm2_o4", "smollm2_o5"], section)
+    assert printed and shown == printed
 
 
 def test_superni_tables_are_what_the_committed_runs_give():
     """The SuperNI section's tables and verdicts are what tools/superni_table.py prints from results/, line for line
     (rows not yet run read "not finished")."""
-    import importlib.util
-
-    repo = pathlib.Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("superni_table", repo / "tools" / "superni_table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        table.main([str(repo / "results" / f"superni_o{order}") for order in (1, 2)])
     section = README.split("## Beyond classification: SuperNI", 1)[1].split("\n## ", 1)[0]
-
-    def lines(text):
-        return [line for line in text.splitlines() if line.startswith(("|", "Order "))]
-
-    assert lines(printed.getvalue()) and lines(section) == lines(printed.getvalue())
+    printed, shown = tool_and_section_lines("superni_table", ["superni_o1", "superni_o2"], section)
+    assert printed and shown == printed
 
 
 def test_smollm2_orders_agree_on_their_shared_first_tasks():

@@ -90,6 +90,14 @@ def difference(row: dict | None) -> tuple[str, str]:
             "yes" if lo > 0 or hi < 0 else "no")
 
 
+def verdict_between(first: str, second: str, per_order: list[dict | None]) -> str:
+    """The committed rule (kif_jax.compare.across_orders) on `first` minus `second`, in words."""
+    from kif_jax import compare
+
+    return {"unfinished": "not finished in every order", "method": f"{first} beats {second}",
+            "baseline": f"{second} beats {first}", "unresolved": "unresolved"}[compare.across_orders(per_order)]
+
+
 def verdict(per_order: list[dict | None]) -> str:
     """The committed rule (kif_jax.compare.across_orders) on the OP rows of orders 4 and 5."""
     from kif_jax import compare
@@ -101,8 +109,6 @@ def verdict(per_order: list[dict | None]) -> str:
 def print_baseline_pairs(diffs: dict[str, dict], ops: dict[str, dict[str, float]]) -> None:
     """The same rule between every two sequential baselines finished in every order, each pair led by the one with
     the higher mean OP; the paper's difference where it reports both."""
-    from kif_jax import compare
-
     orders = list(diffs)
     baselines = [m for m in METHODS if m not in (KIF, "mtl") and all(m in ops[o] for o in orders)]
     if len(baselines) < 2:
@@ -115,9 +121,7 @@ def print_baseline_pairs(diffs: dict[str, dict], ops: dict[str, dict[str, float]
         for second in ranked[i + 1:]:
             rows = [diffs[o].get((first, second), {}).get("op") for o in orders]
             cells = " | ".join(difference(r)[0] for r in rows)
-            said = {"unfinished": "not finished in every order", "method": f"{NAMES[first]} beats {NAMES[second]}",
-                    "baseline": f"{NAMES[second]} beats {NAMES[first]}",
-                    "unresolved": "unresolved"}[compare.across_orders(rows)]
+            said = verdict_between(NAMES[first], NAMES[second], rows)
             a, b = PAPER.get(first, (None,))[0], PAPER.get(second, (None,))[0]
             paper_gap = "-" if a is None or b is None else f"{a - b:+.1f}"
             print(f"| {NAMES[first]} − {NAMES[second]} | {cells} | {said} | {paper_gap} |")

@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # kif_jax from this checkout
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from paper_table import difference, pct  # noqa: E402  (the seven-method tables' cells, the same here)
+from paper_table import difference, pct, verdict_between  # noqa: E402  (the seven-method tables' cells, the same here)
 
 METHODS = ("seq_lora", "replay", "recurrent_kif")
 NAMES = {"seq_lora": "SeqLoRA", "replay": "Replay", "recurrent_kif": "Recurrent-KIF"}
@@ -64,12 +64,8 @@ def differences(directory: pathlib.Path) -> dict[tuple[str, str], dict[str, dict
 
 
 def verdict(method: str, baseline: str, per_order: list[dict | None]) -> str:
-    """The committed rule (kif_jax.compare.across_orders) on the OP rows of SAPT's two orders."""
-    from kif_jax import compare
-
-    return {"unfinished": "not finished in every order", "method": f"{NAMES[method]} beats {NAMES[baseline]}",
-            "baseline": f"{NAMES[baseline]} beats {NAMES[method]}",
-            "unresolved": "unresolved"}[compare.across_orders(per_order)]
+    """The committed rule on the OP rows of SAPT's two orders."""
+    return verdict_between(NAMES[method], NAMES[baseline], per_order)
 
 
 def per_task_rows(directory: pathlib.Path, tasks: list[str]) -> list[str]:
