@@ -83,15 +83,19 @@ class RunCheckpointer:
     """Save and restore (state, metadata) pairs under one directory, checking the config fingerprint."""
 
     def __init__(self, directory: pathlib.Path, *, keep: int, fingerprint: str, also_accept: Iterable[str] = (),
-                 keep_task_ends: bool = False) -> None:
+                 keep_task_ends: bool = False, read_only: bool = False) -> None:
         self.directory = pathlib.Path(directory).absolute()
         self.fingerprint = fingerprint
         # Fingerprints of the same config as earlier versions computed them (the whole config): still resumable.
         self.accepted = {fingerprint, *also_accept}
         # Task-end checkpoint ids are the multiples of the phase stride (kif_jax/train/position.py).
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
-                                               cleanup_tmp_directories=True,
-                                               keep_period=TASK_END_STRIDE if keep_task_ends else None)
+        if read_only:  # restores only, and leaves a running run's unfinished saves alone
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
+                                                   enable_async_checkpointing=False)
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
+                                                   cleanup_tmp_directories=True,
+                                                   keep_period=TASK_END_STRIDE if keep_task_ends else None)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:

@@ -70,7 +70,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 # order, the heaviest first (seconds on 2 cores, from `--durations=0`), so that no long one starts when the
 # other worker is nearly done; the rest follow in collection order.
 SHARED_UNITS = {"test_train.py": "every_method_run", "test_method_golden.py": "every_method_run",
-                "test_baselines.py": "every_method_run"}
+                "test_baselines.py": "every_method_run", "test_reevaluate.py": "every_method_run"}
 HEAVIEST_UNITS = ("every_method_run", "test_readme.py", "test_causal_training.py", "test_multihost.py",
                   "test_preemption.py", "test_audit_migu.py", "test_scale_out.py", "test_main.py",
                   "test_decoder_model.py", "test_gguf.py", "test_notebook.py", "test_migu.py")

@@ -106,14 +106,15 @@ def check_run(config: ml_collections.ConfigDict) -> list[str]:
     return tasks
 
 
-def resolve_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[pathlib.Path, list[str]]:
+def resolve_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
+                generate: bool = True) -> tuple[pathlib.Path, list[str]]:
     """Validate the config and every data file of the run (read by its task format); generate synthetic data
-    if asked."""
+    if asked (`generate` False: read what the run generated)."""
     tasks = check_run(config)
     if config.data_dir == SYNTHETIC_DATA:
         s = config.synthetic
         data_dir = workdir / "synthetic_data"
-        if is_main():  # process 0 writes, the others read the same files
+        if generate and is_main():  # process 0 writes, the others read the same files
             synthetic.write_synthetic_benchmark(data_dir, tasks, n_train=s.n_train, n_dev=s.n_dev, n_test=s.n_test,
                                                 seed=config.seed)
         barrier("kif_jax_synthetic_data")
@@ -353,14 +354,7 @@ class MethodRun:
              + ", ".join(f"{ctx.tasks[j]} {100 * self.R[row, j]:.1f}" for j in columns))
 
     def eval_columns(self, phase: int) -> list[int]:
-        """The tasks evaluated after `phase` (`eval.schedule`): "full", every task seen so far (every task with
-        `eval.all_tasks`); "diagonal", the phase's own tasks, and every task after the last phase."""
-        seen = sum(len(p) for p in self.phases[:phase + 1])
-        if self.config.eval.all_tasks:
-            return list(range(len(self.ctx.tasks)))
-        if self.config.eval.schedule == "diagonal" and phase < len(self.phases) - 1:
-            return list(range(seen - len(self.phases[phase]), seen))
-        return list(range(seen))
+        return eval_columns(self.config, self.phases, phase)
 
     def train_phase(self, phase: int, state: TrainState | None, params: Any, iterator_state: dict | None,
                     writer: MetricsWriter, ckpt: RunCheckpointer) -> TrainState:
@@ -441,6 +435,17 @@ class MethodRun:
         return shard_rows(stacked, self.ctx.mesh, row_axis=1)
 
 
+def eval_columns(config: ml_collections.ConfigDict, phases: list[list[str]], phase: int) -> list[int]:
+    """The tasks (indices in the run's order) evaluated after `phase` (`eval.schedule`): "full", every task seen
+    so far (every task with `eval.all_tasks`); "diagonal", the phase's own tasks, and every task after the last."""
+    seen = sum(len(p) for p in phases[:phase + 1])
+    if config.eval.all_tasks:
+        return list(range(sum(len(p) for p in phases)))
+    if config.eval.schedule == "diagonal" and phase < len(phases) - 1:
+        return list(range(seen - len(phases[phase]), seen))
+    return list(range(seen))
+
+
 def method_prefix(config: ml_collections.ConfigDict, method: Method, tasks: list[str],
                   workdir: pathlib.Path) -> Prefix | None:
     """The finished tasks `method`'s run takes from `checkpoint.prefix_from` (kif_jax/train/prefix.py), or None."""
@@ -461,26 +466,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, dict]:
     data_dir, tasks = resolve_run(config, workdir)
-    c = config
-    mesh = config_mesh(c.sharding)
-    methods = [method_class(name)(c) for name in split_list(c.methods)]
-    prefixes = {m.name: method_prefix(c, m, tasks, workdir) for m in methods}  # refused before the model loads
-    model, tokenizer, family = build_model(config, mesh)
-    set_remat(model, c.train.remat)
-    trainable = LoRAParam if c.model.trainable == "lora" else nnx.Param
-    graphdef, params, frozen = nnx.split(model, trainable, ...)
-    programs = Programs(graphdef, family=family, lr=c.train.lr, warmup_steps=c.train.warmup_steps,
-                        max_grad_norm=c.train.max_grad_norm, weight_decay=c.train.weight_decay,
-                        prng_impl=c.train.prng_impl, mesh=mesh)
-    activations = activation_bytes(model, micro_batch_size=c.train.micro_batch_size,
-                                   input_length=c.train.max_input_length, target_length=c.train.max_target_length,
-                                   itemsize=2 if c.model.dtype == "bfloat16" else 4, remat=c.train.remat, mesh=mesh)
-    evaluator = Evaluator(graphdef, family, tokenizer, batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens,
-                          mesh=mesh, mode=c.eval.mode, max_target_length=c.train.max_target_length)
-    ctx = RunContext(config=c, workdir=workdir, tasks=tasks, data=RunData(c, data_dir, family, tokenizer, run_format(c)),
-                     graphdef=graphdef, init_params=shard_tree(params, mesh), frozen=shard_tree(frozen, mesh),
-                     mesh=mesh, programs=programs, evaluator=evaluator,
-                     activations=activations, preemption=PreemptionGuard())
+    methods = [method_class(name)(config) for name in split_list(config.methods)]
+    prefixes = {m.name: method_prefix(config, m, tasks, workdir) for m in methods}  # refused before the model loads
+    ctx = build_context(config, workdir, data_dir, tasks)
     results: dict[str, dict] = {}
     with ctx.preemption:  # SIGTERM / SIGINT from here on: save at the next cycle boundary, raise Preempted
         for method in methods:
@@ -496,3 +484,26 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         except KifError as err:
             logging.warning("no comparison report (%s); rebuild it with: python -m kif_jax.report %s", err, workdir)
     return results
+
+
+def build_context(config: ml_collections.ConfigDict, workdir: pathlib.Path, data_dir: pathlib.Path,
+                  tasks: list[str]) -> RunContext:
+    """The model (loaded once), its split, the programs, the evaluator and the data every method of a run shares."""
+    c = config
+    mesh = config_mesh(c.sharding)
+    model, tokenizer, family = build_model(config, mesh)
+    set_remat(model, c.train.remat)
+    trainable = LoRAParam if c.model.trainable == "lora" else nnx.Param
+    graphdef, params, frozen = nnx.split(model, trainable, ...)
+    programs = Programs(graphdef, family=family, lr=c.train.lr, warmup_steps=c.train.warmup_steps,
+                        max_grad_norm=c.train.max_grad_norm, weight_decay=c.train.weight_decay,
+                        prng_impl=c.train.prng_impl, mesh=mesh)
+    activations = activation_bytes(model, micro_batch_size=c.train.micro_batch_size,
+                                   input_length=c.train.max_input_length, target_length=c.train.max_target_length,
+                                   itemsize=2 if c.model.dtype == "bfloat16" else 4, remat=c.train.remat, mesh=mesh)
+    evaluator = Evaluator(graphdef, family, tokenizer, batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens,
+                          mesh=mesh, mode=c.eval.mode, max_target_length=c.train.max_target_length)
+    return RunContext(config=c, workdir=workdir, tasks=tasks, data=RunData(c, data_dir, family, tokenizer, run_format(c)),
+                      graphdef=graphdef, init_params=shard_tree(params, mesh), frozen=shard_tree(frozen, mesh),
+                      mesh=mesh, programs=programs, evaluator=evaluator,
+                      activations=activations, preemption=PreemptionGuard())
