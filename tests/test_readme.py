@@ -215,3 +215,17 @@ def test_decoding_figures_are_those_of_the_committed_printouts():
     assert f"a call would take about {jax_s + steps:.1f} s ({whole[torch] / (jax_s + steps):.2f}x torch's" in text
     assert f"in {eigen_s:.1f} s, {100 * (1 - eigen_s / jax_s):.0f}% less (a call of about {eigen_s + steps:.1f} s, " \
            f"{whole[torch] / (eigen_s + steps):.2f}x)" in text
+
+
+def test_reevaluation_figures_are_those_of_the_committed_printout():
+    """The README's re-evaluation sentence: every run of the printout exits 0 with all its predictions the
+    recorded ones, and their total is the README's."""
+    printout = sorted((pathlib.Path(__file__).resolve().parent.parent / "results" / "reevaluate").glob("smollm2_*.txt"))
+    assert len(printout) == 1
+    text = printout[0].read_text()
+    runs = re.findall(r"^== (o\d)/(\w+) ", text, flags=re.M)
+    totals = [int(n) for n in re.findall(r"^(\d+) predictions of \d+ task\(s\): every prediction and score is the "
+                                         r"recorded one$", text, flags=re.M)]
+    assert runs == [("o4", "tasl"), ("o5", "migu")] and text.count("\nexit 0\n") == 2 and len(totals) == 2
+    said = " ".join(README.split())
+    assert f"give every one of their {sum(totals)} final-row predictions again with today's code" in said
