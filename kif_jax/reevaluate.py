@@ -17,7 +17,7 @@ import argparse
 import json
 import pathlib
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 import ml_collections
 
@@ -130,11 +130,12 @@ def reevaluate(method_dir: pathlib.Path, *, after_task: int | None = None, tasks
         ckpt.close()
     params = method.eval_params(state)
     recorded = recorded_predictions(method_dir / "predictions.jsonl", phase)
+    row = result["accuracy_matrix"][sum(len(p) for p in phases[:phase + 1]) - 1]  # that of the phase's last task
     rows = []
     for task in tasks or columns:
         score, records = ctx.evaluate(params, task)
         then = recorded.get(task, [])
-        cell = result["accuracy_matrix"][run._row(phase)][ctx.tasks.index(task)]
+        cell = row[ctx.tasks.index(task)]
         rows.append((task, len(records), differences(records, then), score, np.nan if cell is None else float(cell)))
     return rows
 
