@@ -98,6 +98,11 @@ class RunCheckpointer:
                                                    keep_period=TASK_END_STRIDE if keep_task_ends else None)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
+    @classmethod
+    def reader(cls, directory: pathlib.Path, *, fingerprint: str, also_accept: Iterable[str] = ()) -> "RunCheckpointer":
+        """A checkpointer that only restores (no retention settings apply)."""
+        return cls(directory, keep=0, fingerprint=fingerprint, also_accept=also_accept, read_only=True)
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 

@@ -113,10 +113,9 @@ def reevaluate(method_dir: pathlib.Path, *, after_task: int | None = None, tasks
     if not (method_dir / "checkpoints").is_dir():
         raise missing
     leave_out = unrelated_sections(config, type(method))
-    ckpt = RunCheckpointer(method_dir / "checkpoints", keep=config.checkpoint.keep,
-                           fingerprint=config_fingerprint(config, leave_out=leave_out),
-                           also_accept=[config_fingerprint(config)], keep_task_ends=config.checkpoint.keep_task_ends,
-                           read_only=True)
+    ckpt = RunCheckpointer.reader(method_dir / "checkpoints",
+                                  fingerprint=config_fingerprint(config, leave_out=leave_out),
+                                  also_accept=[config_fingerprint(config)])
     try:
         if not ckpt.has(position.checkpoint_id):
             raise missing

@@ -15,6 +15,7 @@ import pytest
 import tiny_config
 from helpers import read_metrics
 from kif_jax import metrics, report
+from kif_jax.core import fusion_stats as fusion_stats_module
 from kif_jax.report import plots
 from kif_jax.train import train_and_evaluate
 
@@ -140,7 +141,11 @@ def _masks(a, b, c):
     return jax.tree.map(lambda x: x > 0, _tree(a, b, c))
 
 
-def test_fusion_stats_on_a_hand_made_tree():
+# The whole-tree counts run over buckets of joined leaves: all three leaves in one (the default), two
+# buckets [4], [6 + 2] (cap 8), or three with the [2, 3] leaf larger than the cap and kept in its shape (cap 5).
+@pytest.mark.parametrize("bucket_size", [1 << 22, 8, 5], ids=["one_bucket", "two_buckets", "leaf_over_cap"])
+def test_fusion_stats_on_a_hand_made_tree(bucket_size, monkeypatch):
+    monkeypatch.setattr(fusion_stats_module, "BUCKET_SIZE", bucket_size)
     # Leaves in jax.tree.leaves order: dec/v/lora_b [4], enc/q/lora_a [2, 3], enc/v/lora_a [2].
     tau_in = _tree([[1.0, -2.0, 3.0], [0.0, 0.5, -0.5]], [4.0, -4.0, 0.0, 2.0], [0.0, 0.0])
     mask_in = _masks([[1, 0, 1], [0, 0, 0]], [1, 0, 0, 0], [0, 0])

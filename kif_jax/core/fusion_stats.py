@@ -2,7 +2,10 @@
 
 Recurrent-KIF logs them at every fusion (kif_jax/methods/recurrent_kif.py); the report's analogues of
 the paper's Figure 5 are drawn from them (kif_jax/report/plots.py). `fusion_stats` computes small
-arrays, never copies of parameters; the records are:
+arrays. The whole-tree counts (histograms, mask overlaps) run over the small leaves joined into buckets
+of at most BUCKET_SIZE entries, so that XLA compiles one fused reduction a bucket, not one a leaf (with
+SmolLM2's 120 LoRA leaves, hundreds of them: most of the fusion cycle's compile time); a leaf larger
+than that is its own bucket and keeps its shape (no resharding). The records are:
 
   {"event": "fusion_leaves", "method", "phase", "names": [L leaf paths], "sizes": [L],
    "factors": [G last path names, e.g. lora_a, lora_b],
@@ -32,6 +35,35 @@ from kif_jax.core.tree import PyTree, leaf_groups, tree_path_names
 
 #: Edges of the magnitude bins: |tau| divided by the mean |tau| of the whole tree (scale-free), log2-spaced.
 HIST_EDGES: tuple[float, ...] = tuple(2.0 ** k for k in range(-6, 4))
+#: The most entries joined into one bucket for the whole-tree counts (16 MB of float32).
+BUCKET_SIZE = 1 << 22
+
+
+def _buckets(leaves: list[jax.Array]) -> list[jax.Array]:
+    """The leaves, in order, as few arrays as possible: runs of small leaves flattened and concatenated into
+    buckets of at most BUCKET_SIZE entries; a larger leaf is a bucket of its own, as it is. For counts only
+    (integer sums do not depend on the order of summation)."""
+    buckets: list[jax.Array] = []
+    run: list[jax.Array] = []
+    size = 0
+
+    def close() -> None:
+        nonlocal run, size
+        if run:
+            buckets.append(jnp.concatenate(run) if len(run) > 1 else run[0])
+        run, size = [], 0
+
+    for leaf in leaves:
+        if leaf.size > BUCKET_SIZE:
+            close()
+            buckets.append(leaf)
+            continue
+        if size + leaf.size > BUCKET_SIZE:
+            close()
+        run.append(leaf.ravel())
+        size += leaf.size
+    close()
+    return buckets
 
 
 def _factor_groups(tree: PyTree) -> tuple[list[int], list[str]]:
@@ -78,7 +110,7 @@ def _learner_stats(tau: PyTree, mask: PyTree, prev: PyTree | None) -> dict[str, 
     edges = jnp.asarray(HIST_EDGES, f32)
     bins = jnp.arange(len(HIST_EDGES) + 1)
     hist = jnp.zeros((2, len(HIST_EDGES) + 1), f32)
-    for t, m in zip(taus, masks):
+    for t, m in zip(_buckets(taus), _buckets(masks)):
         index = jnp.sum((t / mean)[..., None] >= edges, axis=-1)
         onehot = index[..., None] == bins
         axes = tuple(range(t.ndim))
@@ -88,8 +120,9 @@ def _learner_stats(tau: PyTree, mask: PyTree, prev: PyTree | None) -> dict[str, 
            "ratio": all_in / all_out}
     if prev is not None:
         prevs = [jnp.asarray(p, bool) for p in jax.tree.leaves(prev)]
-        inter = sum(jnp.sum(p & m, dtype=jnp.int32).astype(f32) for p, m in zip(prevs, masks))
-        union = sum(jnp.sum(p | m, dtype=jnp.int32).astype(f32) for p, m in zip(prevs, masks))
+        prevs, current = _buckets(prevs), _buckets(masks)
+        inter = sum(jnp.sum(p & m, dtype=jnp.int32).astype(f32) for p, m in zip(prevs, current))
+        union = sum(jnp.sum(p | m, dtype=jnp.int32).astype(f32) for p, m in zip(prevs, current))
         before = sum(jnp.sum(p, dtype=jnp.int32).astype(f32) for p in prevs)
         out["jaccard"] = jnp.where(before > 0, inter / jnp.maximum(union, 1), nan)
         out["kept"] = jnp.where(before > 0, inter / jnp.maximum(before, 1), nan)
