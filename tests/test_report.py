@@ -142,9 +142,11 @@ def _masks(a, b, c):
 
 
 # The whole-tree counts run over buckets of joined leaves: all three leaves in one (the default), two
-# buckets [4], [6 + 2] (cap 8), or three with the [2, 3] leaf larger than the cap and kept in its shape (cap 5).
-@pytest.mark.parametrize("bucket_size", [1 << 22, 8, 5], ids=["one_bucket", "two_buckets", "leaf_over_cap"])
-def test_fusion_stats_on_a_hand_made_tree(bucket_size, monkeypatch):
+# buckets [4], [6 + 2] (cap 8), or three with the [2, 3] leaf larger than the cap and kept in its shape (cap 5);
+# or, as for sharded trees, leaf by leaf.
+@pytest.mark.parametrize("bucket_size,join", [(1 << 22, True), (8, True), (5, True), (1 << 22, False)],
+                         ids=["one_bucket", "two_buckets", "leaf_over_cap", "leaf_by_leaf"])
+def test_fusion_stats_on_a_hand_made_tree(bucket_size, join, monkeypatch):
     monkeypatch.setattr(fusion_stats_module, "BUCKET_SIZE", bucket_size)
     # Leaves in jax.tree.leaves order: dec/v/lora_b [4], enc/q/lora_a [2, 3], enc/v/lora_a [2].
     tau_in = _tree([[1.0, -2.0, 3.0], [0.0, 0.5, -0.5]], [4.0, -4.0, 0.0, 2.0], [0.0, 0.0])
@@ -154,7 +156,8 @@ def test_fusion_stats_on_a_hand_made_tree(bucket_size, monkeypatch):
     mask_out = _masks(np.zeros((2, 3)), np.ones(4), np.ones(2))
     prev_out = _masks(np.zeros((2, 3)), np.zeros(4), np.zeros(2))  # an empty previous mask
 
-    stats = jax.jit(report.fusion_stats)(tau_in, tau_out, mask_in, mask_out, (prev_in, prev_out))
+    stats = jax.jit(lambda *a: report.fusion_stats(*a, join_leaves=join))(tau_in, tau_out, mask_in, mask_out,
+                                                                          (prev_in, prev_out))
     np.testing.assert_allclose(stats["in_frac"], [1 / 4, 2 / 6, 0])
     # Mean |tau| inside / outside the mask per factor (lora_b, lora_a), in units of the mean |tau| (17 / 12).
     mean_in = 17 / 12

@@ -2,10 +2,10 @@
 
 Recurrent-KIF logs them at every fusion (kif_jax/methods/recurrent_kif.py); the report's analogues of
 the paper's Figure 5 are drawn from them (kif_jax/report/plots.py). `fusion_stats` computes small
-arrays. The whole-tree counts (histograms, mask overlaps) run over the small leaves joined into buckets
-of at most BUCKET_SIZE entries, so that XLA compiles one fused reduction a bucket, not one a leaf (with
-SmolLM2's 120 LoRA leaves, hundreds of them: most of the fusion cycle's compile time); a leaf larger
-than that is its own bucket and keeps its shape (no resharding). The records are:
+arrays. On unsharded trees the whole-tree counts (histograms, mask overlaps) run over the small leaves
+joined into buckets of at most BUCKET_SIZE entries, so that XLA compiles one fused reduction a bucket, not
+one a leaf (for the demo's 52 leaves, 18 s of compile time became 6 s); on sharded trees joining would
+gather, so they count leaf by leaf. The records are:
 
   {"event": "fusion_leaves", "method", "phase", "names": [L leaf paths], "sizes": [L],
    "factors": [G last path names, e.g. lora_a, lora_b],
@@ -39,10 +39,12 @@ HIST_EDGES: tuple[float, ...] = tuple(2.0 ** k for k in range(-6, 4))
 BUCKET_SIZE = 1 << 22
 
 
-def _buckets(leaves: list[jax.Array]) -> list[jax.Array]:
-    """The leaves, in order, as few arrays as possible: runs of small leaves flattened and concatenated into
-    buckets of at most BUCKET_SIZE entries; a larger leaf is a bucket of its own, as it is. For counts only
-    (integer sums do not depend on the order of summation)."""
+def _buckets(leaves: list[jax.Array], join: bool) -> list[jax.Array]:
+    """With `join`, the leaves in order as few arrays as possible: runs of small leaves flattened and
+    concatenated into buckets of at most BUCKET_SIZE entries, a larger leaf a bucket of its own, as it is;
+    else the leaves. For counts only (integer sums do not depend on the order of summation)."""
+    if not join:
+        return leaves
     buckets: list[jax.Array] = []
     run: list[jax.Array] = []
     size = 0
@@ -75,7 +77,7 @@ def _factor_groups(tree: PyTree) -> tuple[list[int], list[str]]:
     return groups, [names[g] for g in sorted(names)]
 
 
-def _learner_stats(tau: PyTree, mask: PyTree, prev: PyTree | None) -> dict[str, jax.Array]:
+def _learner_stats(tau: PyTree, mask: PyTree, prev: PyTree | None, join: bool) -> dict[str, jax.Array]:
     taus = [jnp.abs(jnp.asarray(t, jnp.float32)) for t in jax.tree.leaves(tau)]
     masks = [jnp.asarray(m, bool) for m in jax.tree.leaves(mask)]
     if len(taus) != len(masks):
@@ -110,7 +112,7 @@ def _learner_stats(tau: PyTree, mask: PyTree, prev: PyTree | None) -> dict[str, 
     edges = jnp.asarray(HIST_EDGES, f32)
     bins = jnp.arange(len(HIST_EDGES) + 1)
     hist = jnp.zeros((2, len(HIST_EDGES) + 1), f32)
-    for t, m in zip(_buckets(taus), _buckets(masks)):
+    for t, m in zip(_buckets(taus, join), _buckets(masks, join)):
         index = jnp.sum((t / mean)[..., None] >= edges, axis=-1)
         onehot = index[..., None] == bins
         axes = tuple(range(t.ndim))
@@ -120,7 +122,7 @@ def _learner_stats(tau: PyTree, mask: PyTree, prev: PyTree | None) -> dict[str, 
            "ratio": all_in / all_out}
     if prev is not None:
         prevs = [jnp.asarray(p, bool) for p in jax.tree.leaves(prev)]
-        prevs, current = _buckets(prevs), _buckets(masks)
+        prevs, current = _buckets(prevs, join), _buckets(masks, join)
         inter = sum(jnp.sum(p & m, dtype=jnp.int32).astype(f32) for p, m in zip(prevs, current))
         union = sum(jnp.sum(p | m, dtype=jnp.int32).astype(f32) for p, m in zip(prevs, current))
         before = sum(jnp.sum(p, dtype=jnp.int32).astype(f32) for p in prevs)
@@ -132,18 +134,20 @@ def _learner_stats(tau: PyTree, mask: PyTree, prev: PyTree | None) -> dict[str, 
 
 
 def fusion_stats(tau_in: PyTree, tau_out: PyTree, mask_in: PyTree, mask_out: PyTree,
-                 prev_masks: tuple[PyTree, PyTree] | None = None) -> dict[str, jax.Array]:
+                 prev_masks: tuple[PyTree, PyTree] | None = None, *, join_leaves: bool = True) -> dict[str, jax.Array]:
     """Summary statistics of one fusion (traceable), see the module doc: per leaf (`jax.tree.leaves`
     order) the mask shares, per LoRA factor the mean |tau| inside / outside the masks, histograms, overlaps.
 
     `prev_masks` is the (inner, outer) mask pair of the previous fusion; with None, or an empty
     previous mask, the overlaps are NaN. Cost: a few elementwise passes and reductions over the
     trained parameters; results are two [L] and four [factors] vectors, two [2, 11] histograms, scalars.
+    `join_leaves=False` for sharded trees: the counts then run leaf by leaf (same results, no gathers,
+    slower compiles).
     """
     prev_in, prev_out = prev_masks if prev_masks is not None else (None, None)
     stats: dict[str, jax.Array] = {}
     for name, tau, mask, prev in (("in", tau_in, mask_in, prev_in), ("out", tau_out, mask_out, prev_out)):
-        s = _learner_stats(tau, mask, prev)
+        s = _learner_stats(tau, mask, prev, join_leaves)
         stats[f"{name}_frac"] = s["frac"]
         stats[f"tau_{name}_mean"] = s["mean"]
         stats[f"tau_{name}_ratio"] = s["ratio"]

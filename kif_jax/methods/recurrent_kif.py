@@ -300,7 +300,8 @@ class KifCycle(Program):
             "mask_out_frac": kif_jax.mask_fractions(mask_out),
             "mask_both_frac": kif_jax.mask_fractions(both),
             # Per-leaf shares, magnitudes inside / outside the masks, overlap with the last fusion.
-            "fusion": fusion_stats(tau_in, tau_out, mask_in, mask_out, kif.prev_masks or None),
+            "fusion": fusion_stats(tau_in, tau_out, mask_in, mask_out, kif.prev_masks or None,
+                                   join_leaves=trainer.mesh is None or not sharding.is_sharded(tau_in, trainer.mesh)),
         }
         if kif.prev_masks:
             kif = kif.replace(prev_masks=(mask_in, mask_out))
